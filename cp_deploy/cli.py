@@ -1,0 +1,108 @@
+"""``cp-deploy batch | eval``: thin argument parsing over the same functions a Python user calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cp_deploy.bundle import PROMPT_MODES, BundleError
+from cp_deploy.io import InputError
+from cp_deploy.models.weights import WeightsError
+
+USER_ERRORS = (BundleError, InputError, WeightsError, NotImplementedError, FileNotFoundError)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    import torch
+
+    from cp_deploy.bundle import load_bundle
+    from cp_deploy.engines import create_engine
+    from cp_deploy.executors.local import run_folder
+    from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = load_bundle(args.bundle)
+    engine = create_engine(args.engine, bundle, device=args.device)
+    options = PipelineOptions(
+        prompts=args.prompts, edge_label=args.edge_label, mode=args.mode,
+        score_threshold=args.score_threshold, max_instances=args.max_instances,
+    )
+    pipeline = CurriculumPipeline(bundle, engine, options)
+    summary = run_folder(
+        pipeline, args.input, args.output, batch_size=args.batch_size, overlays=args.overlays,
+        resume=args.resume, workers=args.workers, progress=not args.no_progress,
+    )
+    print(f"cp-deploy: {summary.line()}")
+    return 1 if summary.failed else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cp_deploy.metrics import evaluate_dirs
+
+    csv_path = args.csv or (Path(args.pred) / "eval.csv")
+    s = evaluate_dirs(args.pred, args.gt, csv_path)
+    if s["missing"]:
+        print(f"warning: {len(s['missing'])} ground-truth images have no prediction and count as empty: "
+              f"{', '.join(s['missing'][:5])}{' ...' if len(s['missing']) > 5 else ''}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({k: s[k] for k in ("n", "mDice", "mIoU")}))
+    else:
+        print(f"images: {s['n']}  mDice: {s['mDice']:.4f}  mIoU: {s['mIoU']:.4f}  (per-image CSV: {csv_path})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cp-deploy", description="Curriculum-prompted SAM segmentation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("batch", help="segment every image in a folder",
+                       description="Segment every png/jpg/jpeg/bmp/tif(f) image under --input, recursively.")
+    b.add_argument("--input", required=True, help="folder of images (searched recursively)")
+    b.add_argument("--output", required=True, help="folder for masks/, overlays/ and results.jsonl")
+    b.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped with the package)")
+    b.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "trt"], help="inference engine")
+    b.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
+    b.add_argument("--batch-size", type=int, default=1, help="images per encoder call")
+    b.add_argument("--prompts", default="curriculum", choices=PROMPT_MODES,
+                   help="prompting scheme: the curriculum or one of the paper's ablations")
+    b.add_argument("--edge-label", default=None, choices=["negative", "positive"],
+                   help="label of the 8 edge points (default: the bundle's, negative as in the paper)")
+    b.add_argument("--mode", default=None, choices=["all", "top1"],
+                   help="segment all detected instances or only the best one (default: the bundle's)")
+    b.add_argument("--score-threshold", type=float, default=None, help="detector score threshold (default: the bundle's)")
+    b.add_argument("--max-instances", type=int, default=None, help="at most this many instances per image")
+    b.add_argument("--overlays", action="store_true", help="also write overlays/*.jpg with contours, boxes and points")
+    b.add_argument("--resume", action="store_true", help="skip images already done in --output")
+    b.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=_batch)
+
+    e = sub.add_parser("eval", help="mDice and mIoU of predicted masks against ground truth",
+                       description="Dice and IoU per image, then their means (the paper's metrics).")
+    e.add_argument("--pred", required=True, help="run folder (uses its masks/) or a folder of mask PNGs")
+    e.add_argument("--gt", required=True, help="folder of ground-truth masks, matched by relative path and stem")
+    e.add_argument("--csv", default=None, help="per-image CSV path (default: PRED/eval.csv)")
+    e.add_argument("--json", action="store_true", help="print the summary as JSON")
+    e.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"cp-deploy: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cp-deploy: interrupted; finished images are saved, rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

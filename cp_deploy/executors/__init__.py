@@ -1,0 +1,1 @@
+"""Executors drive the pipeline over a folder: the local one streams through threads."""

@@ -1,0 +1,133 @@
+"""Build the networks of a bundle, and write bundles (used by tests and by ``cp-train``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cp_deploy.bundle import FORMAT_VERSION, BUNDLE_FILE, Bundle, load_bundle
+from cp_deploy.models.detector import build_detector
+from cp_deploy.models.keypoints import build_keypoint_net
+from cp_deploy.models.sam import PromptHead, build_sam, default_preprocess, load_sam
+from cp_deploy.models.weights import load_strict, read_state_dict, save_state_dict
+
+
+@dataclass
+class Models:
+    """The five networks of the curriculum pipeline, all in eval mode on the CPU."""
+
+    image_encoder: nn.Module
+    box: PromptHead
+    refine: PromptHead
+    detector: nn.Module
+    keypoints: nn.Module
+
+
+def build_models(bundle: Bundle) -> Models:
+    """Instantiate and strictly load every network a bundle names."""
+    sam = load_sam(bundle.sam_arch, None if bundle.sam.file is None else str(bundle.sam.file), bundle.sam.sha256)
+    heads = {}
+    for name, ref in (("box", bundle.box_head), ("refine", bundle.refine_head)):
+        head = PromptHead.from_sam(sam)
+        if ref.file is not None:
+            load_strict(head, read_state_dict(ref.file), source=str(ref.file))
+        heads[name] = head.eval()
+    stages = {}
+    for name, spec, builder in (
+        ("detector", bundle.detector, build_detector),
+        ("keypoints", bundle.keypoints, build_keypoint_net),
+    ):
+        net = builder(spec.arch, spec.config)
+        if spec.file is not None:
+            load_strict(net, read_state_dict(spec.file), source=str(spec.file))
+        stages[name] = net.eval()
+    return Models(sam.image_encoder.eval(), heads["box"], heads["refine"], stages["detector"], stages["keypoints"])
+
+
+def stage_entry(arch: str, config: dict, reads: str, preprocess: dict | None = None) -> dict:
+    entry = {"arch": arch, "reads": reads, "config": config}
+    if preprocess is not None:
+        entry["preprocess"] = preprocess
+    return entry
+
+
+def write_bundle(
+    out: str | Path,
+    spec: dict,
+    weights: dict[str, nn.Module | dict | None],
+) -> Bundle:
+    """Write ``spec`` (a bundle.json without file entries) plus the given weights, then reload it.
+
+    ``weights`` maps ``sam``, ``box``, ``refine``, ``detector`` and ``keypoints`` to a module or
+    state dict to save as safetensors, or to ``None`` to keep what ``spec`` says (for example the
+    base SAM's own heads, or a checkpoint path).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(json.dumps(spec))
+    spec["format_version"] = FORMAT_VERSION
+    for key, obj in weights.items():
+        if obj is None:
+            continue
+        fname = f"{key}.safetensors"
+        sha = save_state_dict(obj, out / fname)
+        if key == "sam":
+            spec["sam"].update({"checkpoint": fname, "sha256": sha})
+        elif key in ("box", "refine"):
+            spec.setdefault("heads", {})[key] = {"file": fname, "sha256": sha}
+        else:
+            spec[key].update({"file": fname, "sha256": sha})
+    tmp = out / (BUNDLE_FILE + ".tmp")
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    tmp.replace(out / BUNDLE_FILE)
+    return load_bundle(out)
+
+
+def embedding_shape(sam_arch: str) -> tuple[int, int]:
+    """(channels, side) of the SAM image embedding."""
+    sam = build_sam(sam_arch)
+    return sam.prompt_encoder.embed_dim, sam.prompt_encoder.image_embedding_size[0]
+
+
+def init_bundle(
+    out: str | Path,
+    sam_arch: str = "tiny",
+    sam_checkpoint: str | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    prompt: dict | None = None,
+) -> Bundle:
+    """A bundle with seeded random detector and keypoint heads on the embedding.
+
+    The SAM weights come from ``sam_checkpoint`` (or LiteMedSAM's package); for ``tiny`` they are
+    seeded random too and saved into the bundle. The box and refine heads start as the base
+    SAM's own prompt encoder and mask decoder.
+    """
+    torch.manual_seed(seed)
+    channels, side = embedding_shape(sam_arch)
+    pre = default_preprocess(sam_arch)
+    stride = pre.image_size // side
+    weights: dict = {}
+    sam_entry: dict = {"arch": sam_arch, "checkpoint": sam_checkpoint}
+    if sam_arch == "tiny" and sam_checkpoint is None:
+        weights["sam"] = build_sam("tiny")
+    detector = build_detector("embedding_centernet", {"in_channels": channels, "hidden": 64, "stride": stride})
+    kp_cfg = {"in_channels": channels, "hidden": 64, "crop_size": 16, "spatial_scale": 1.0 / stride, "margin": 0.15}
+    keypoints = build_keypoint_net("embedding_heatmap", kp_cfg)
+    weights.update(detector=detector, keypoints=keypoints)
+    spec = {
+        "name": name or f"{sam_arch}-random-{seed}",
+        "sam": sam_entry,
+        "preprocess": pre.to_dict(),
+        "heads": {"box": None, "refine": None},
+        "detector": stage_entry("embedding_centernet", dict(in_channels=channels, hidden=64, stride=stride), "embedding"),
+        "keypoints": stage_entry("embedding_heatmap", kp_cfg, "embedding"),
+        "prompt": {"text": "polyp", "mode": "all", "score_threshold": 0.3, "nms_iou": 0.5,
+                   "max_instances": 5, "edge_label": "negative", **(prompt or {})},
+        "metadata": {"trained": False, "seed": seed},
+    }
+    return write_bundle(out, spec, weights)

@@ -1,0 +1,76 @@
+"""The detector interface and its small CenterNet-style implementation on the SAM embedding.
+
+A detector is an ``nn.Module`` whose ``forward`` maps a batch (the preprocessed image or the SAM
+image embedding, as its ``reads`` says) to raw output maps, plus a pure ``decode`` that turns
+those maps into candidate boxes (xyxy, in the pixels of the detector's input frame) with scores.
+Keeping decoding outside ``forward`` lets every engine (torch, ONNX Runtime, TensorRT) share it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+READS = ("image", "embedding")
+
+
+class EmbeddingCenterNet(nn.Module):
+    """CenterNet head on the frozen SAM embedding: a centre heatmap, box size and sub-cell offset
+    per embedding cell. ``stride`` is model-input pixels per embedding cell."""
+
+    reads = "embedding"
+
+    def __init__(self, in_channels: int = 256, hidden: int = 64, stride: int = 4) -> None:
+        super().__init__()
+        self.stride = stride
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+        )
+        self.heatmap = nn.Conv2d(hidden, 1, 1)
+        self.size = nn.Conv2d(hidden, 2, 1)
+        self.offset = nn.Conv2d(hidden, 2, 1)
+        # CenterNet's prior: start with a low centre probability so early training is stable.
+        nn.init.constant_(self.heatmap.bias, -2.19)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.trunk(x)
+        return {"heatmap": self.heatmap(f), "size": self.size(f), "offset": self.offset(f)}
+
+    def decode(self, raw: dict[str, torch.Tensor], max_candidates: int = 50) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return decode_centernet(raw, self.stride, max_candidates)
+
+
+def decode_centernet(
+    raw: dict[str, torch.Tensor], stride: float, max_candidates: int = 50
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Raw CenterNet maps -> per image (Kx4 xyxy boxes in input pixels, K scores), best first.
+
+    Peaks are local maxima of the sigmoid heatmap (3x3 max-pool). ``size`` holds log box width
+    and height in cells; ``offset`` the centre's position inside its cell, through a sigmoid.
+    """
+    heat = torch.sigmoid(raw["heatmap"].float())
+    peaks = heat * (heat == F.max_pool2d(heat, 3, stride=1, padding=1))
+    b, _, h, w = heat.shape
+    k = min(max_candidates, h * w)
+    scores, idx = peaks.view(b, -1).topk(k, dim=1)
+    ys = torch.div(idx, w, rounding_mode="floor")
+    xs = idx % w
+    out = []
+    for i in range(b):
+        off = torch.sigmoid(raw["offset"][i].float()).view(2, -1)[:, idx[i]]
+        wh = torch.exp(raw["size"][i].float().clamp(-10, 10)).view(2, -1)[:, idx[i]] * stride
+        cx = (xs[i].float() + off[0]) * stride
+        cy = (ys[i].float() + off[1]) * stride
+        boxes = torch.stack([cx - wh[0] / 2, cy - wh[1] / 2, cx + wh[0] / 2, cy + wh[1] / 2], dim=1)
+        keep = scores[i] > 0
+        out.append((boxes[keep], scores[i][keep]))
+    return out
+
+
+def build_detector(arch: str, config: dict) -> nn.Module:
+    """A detector from its bundle entry (``arch`` and ``config``)."""
+    if arch == "embedding_centernet":
+        return EmbeddingCenterNet(**config)
+    raise ValueError(f"unknown detector arch {arch!r}; known: embedding_centernet")

@@ -1,0 +1,102 @@
+"""The keypoint interface: top-down, 8 edge points per box, and its small heatmap implementation.
+
+Top-down means: expand the box by a margin, crop it from the features the net reads (the image
+or the SAM embedding) with RoIAlign, predict one heatmap per edge point on the crop, decode the
+peak with sub-pixel refinement, and map it back through the crop to input pixels. Cropping,
+decoding and the inverse mapping live here as functions so training targets use the same geometry.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+NUM_EDGE_POINTS = 8
+
+
+def expand_boxes(boxes: torch.Tensor, margin: float) -> torch.Tensor:
+    """Grow Nx4 xyxy boxes by ``margin`` of their size on every side (at least 1 px wide)."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0)
+    return torch.cat([boxes[:, :2] - margin * wh, boxes[:, 2:] + margin * wh], dim=1)
+
+
+def heatmap_to_image(xy: torch.Tensor, crops: torch.Tensor, heatmap_size: int) -> torch.Tensor:
+    """NxPx2 heatmap coordinates (pixel centres at integers) -> input pixels, through Nx4 crops."""
+    scale = (crops[:, 2:] - crops[:, :2]) / heatmap_size
+    return crops[:, None, :2] + (xy + 0.5) * scale[:, None, :]
+
+
+def image_to_heatmap(xy: torch.Tensor, crops: torch.Tensor, heatmap_size: int) -> torch.Tensor:
+    """Inverse of :func:`heatmap_to_image` (used to place training targets)."""
+    scale = (crops[:, 2:] - crops[:, :2]) / heatmap_size
+    return (xy - crops[:, None, :2]) / scale[:, None, :] - 0.5
+
+
+def decode_heatmaps(heatmaps: torch.Tensor, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NxPxHxW logits -> (NxPx2 points in input pixels, NxP confidences in [0, 1]).
+
+    Sub-pixel refinement fits a parabola through the peak and its two neighbours on each axis.
+    """
+    n, p, h, w = heatmaps.shape
+    hm = heatmaps.float()
+    flat = hm.view(n, p, -1)
+    conf, idx = flat.max(dim=2)
+    ys = torch.div(idx, w, rounding_mode="floor")
+    xs = idx % w
+
+    def refine(c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        denom = lo - 2 * c + hi
+        shift = torch.where(denom < 0, 0.5 * (lo - hi) / denom.clamp(max=-1e-6), torch.zeros_like(c))
+        return shift.clamp(-0.5, 0.5)
+
+    padded = F.pad(hm, (1, 1, 1, 1), mode="replicate").view(n, p, -1)
+    wp = w + 2
+
+    def at(dy: int, dx: int) -> torch.Tensor:
+        return padded.gather(2, ((ys + 1 + dy) * wp + xs + 1 + dx).unsqueeze(2)).squeeze(2)
+
+    dx = refine(conf, at(0, -1), at(0, 1))
+    dy = refine(conf, at(-1, 0), at(1, 0))
+    xy = torch.stack([xs.float() + dx, ys.float() + dy], dim=2)
+    return heatmap_to_image(xy, crops, w), torch.sigmoid(conf)
+
+
+class EmbeddingKeypointNet(nn.Module):
+    """Heatmap head on RoIAlign crops of the SAM embedding (or of the image, via ``reads``)."""
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        hidden: int = 64,
+        crop_size: int = 16,
+        spatial_scale: float = 0.25,
+        margin: float = 0.15,
+        reads: str = "embedding",
+    ) -> None:
+        super().__init__()
+        self.reads = reads
+        self.crop_size = crop_size
+        self.spatial_scale = spatial_scale
+        self.margin = margin
+        self.heatmap_size = 2 * crop_size
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, NUM_EDGE_POINTS, 1),
+        )
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """``rois``: Nx5 (image index, x0, y0, x1, y1) crops in input pixels -> Nx8xHxW logits."""
+        crops = roi_align(features, rois, self.crop_size, self.spatial_scale, sampling_ratio=2, aligned=True)
+        return self.body(crops)
+
+
+def build_keypoint_net(arch: str, config: dict) -> nn.Module:
+    """A keypoint net from its bundle entry (``arch`` and ``config``)."""
+    if arch == "embedding_heatmap":
+        return EmbeddingKeypointNet(**config)
+    raise ValueError(f"unknown keypoint arch {arch!r}; known: embedding_heatmap")

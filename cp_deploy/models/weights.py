@@ -1,0 +1,74 @@
+"""Weight files: hashing, safetensors I/O and strict loading with errors that name the keys."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class WeightsError(RuntimeError):
+    """A weight file is missing, corrupt, or does not fit its model."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or a PyTorch checkpoint (``weights_only``), checking its hash."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weight file not found: {path}")
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise WeightsError(
+                f"{path}: sha256 is {actual}, expected {sha256}. The file is corrupt or not the "
+                "one this bundle was made with; restore it or rebuild the bundle."
+            )
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    return state
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error listing the first mismatching keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{name}: {', '.join(items[:5])}{more}")
+        raise WeightsError(f"{source} does not match the model config; " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def save_state_dict(module_or_state: nn.Module | dict, path: str | Path) -> str:
+    """Write contiguous tensors as safetensors (atomically) and return the file's sha256."""
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return sha256_file(path)
