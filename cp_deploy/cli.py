@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label of the 8 edge points (default: the bundle's, negative as in the paper)")
     b.add_argument("--mode", default=None, choices=["all", "top1"],
                    help="segment all detected instances or only the best one (default: the bundle's)")
-    b.add_argument("--score-threshold", type=float, default=None, help="detector score threshold (default: the bundle's)")
+    b.add_argument("--score-threshold", type=float, default=None,
+                   help="detector score threshold (default: the bundle's)")
     b.add_argument("--max-instances", type=int, default=None, help="at most this many instances per image")
     b.add_argument("--overlays", action="store_true", help="also write overlays/*.jpg with contours, boxes and points")
     b.add_argument("--resume", action="store_true", help="skip images already done in --output")

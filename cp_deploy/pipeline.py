@@ -93,7 +93,9 @@ class CurriculumPipeline:
         self.detector_stride = float(bundle.detector.config.get("stride", 1))
 
     # -- helpers --------------------------------------------------------------------------------
-    def _inputs(self, images: list[np.ndarray], cfg: PreprocessConfig, cache: dict) -> tuple[torch.Tensor, list[Frame]]:
+    def _inputs(
+        self, images: list[np.ndarray], cfg: PreprocessConfig, cache: dict
+    ) -> tuple[torch.Tensor, list[Frame]]:
         """Preprocess once per distinct config (stages with equal settings share the tensor)."""
         if cfg not in cache:
             xs, frames = zip(*(preprocess_image(im, cfg) for im in images))
@@ -147,10 +149,8 @@ class CurriculumPipeline:
                 b = torch.from_numpy(fr.boxes_to_original(b.cpu().numpy())).float()
                 per_image.append(self._select(b, s.cpu().float()))
         else:
-            per_image = [
-                (torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4)), torch.ones(len(np.asarray(b).reshape(-1, 4))))
-                for b in boxes
-            ]
+            given = [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4)) for b in boxes]
+            per_image = [(b, torch.ones(len(b))) for b in given]
         counts = [len(b) for b, _ in per_image]
         idx = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)], dtype=torch.long, device=dev)
         boxes_orig = torch.cat([b for b, _ in per_image]) if sum(counts) else torch.zeros(0, 4)
@@ -195,17 +195,20 @@ class CurriculumPipeline:
         t0 = time.perf_counter()
         results = []
         start = 0
-        for i, (img, fr) in enumerate(zip(images, frames)):
+        for i, fr in enumerate(frames):
             sl = slice(start, start + counts[i])
             start += counts[i]
             h, w = fr.original_size
             if counts[i]:
                 fin = final[sl].float()
                 masks = (postprocess_masks(fin, fr) > 0).cpu().numpy()
-                co = coarse[sl].float() if coarse is not None else None
-                coarse_mask = (postprocess_masks(co, fr) > 0).any(0).cpu().numpy() if co is not None else np.zeros((h, w), bool)
                 low = fin.cpu().numpy()
-                co_np = co.cpu().numpy() if co is not None else np.zeros_like(low)
+                if coarse is None:
+                    coarse_mask, co_np = np.zeros((h, w), bool), np.zeros_like(low)
+                else:
+                    co = coarse[sl].float()
+                    coarse_mask = (postprocess_masks(co, fr) > 0).any(0).cpu().numpy()
+                    co_np = co.cpu().numpy()
             else:
                 masks = np.zeros((0, h, w), bool)
                 coarse_mask = np.zeros((h, w), bool)
@@ -231,11 +234,15 @@ class CurriculumPipeline:
             r.timings_ms = dict(per_image_t)
         return results
 
-    def _to_frame(self, xy: torch.Tensor, idx: torch.Tensor, frames: list[Frame], cfg: PreprocessConfig, boxes: bool = False) -> torch.Tensor:
+    def _to_frame(
+        self, xy: torch.Tensor, idx: torch.Tensor, frames: list[Frame], cfg: PreprocessConfig, boxes: bool = False
+    ) -> torch.Tensor:
         """Original pixels -> the input frame of ``cfg`` for each instance's image."""
         out = []
         for j, i in enumerate(idx.tolist()):
-            fr = frames[i] if frames[i].image_size == cfg.image_size else Frame.for_image(frames[i].original_size, cfg.image_size)
+            fr = frames[i]
+            if fr.image_size != cfg.image_size:
+                fr = Frame.for_image(fr.original_size, cfg.image_size)
             a = xy[j].cpu().numpy()
             out.append(fr.boxes_to_input(a)[0] if boxes else fr.coords_to_input(a))
         return torch.as_tensor(np.stack(out), dtype=torch.float32) if out else torch.zeros((0, *xy.shape[1:]))

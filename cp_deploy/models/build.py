@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cp_deploy.bundle import FORMAT_VERSION, BUNDLE_FILE, Bundle, load_bundle
+from cp_deploy.bundle import BUNDLE_FILE, FORMAT_VERSION, Bundle, load_bundle
 from cp_deploy.models.detector import build_detector
 from cp_deploy.models.keypoints import build_keypoint_net
 from cp_deploy.models.sam import PromptHead, build_sam, default_preprocess, load_sam
@@ -115,7 +115,8 @@ def init_bundle(
     sam_entry: dict = {"arch": sam_arch, "checkpoint": sam_checkpoint}
     if sam_arch == "tiny" and sam_checkpoint is None:
         weights["sam"] = build_sam("tiny")
-    detector = build_detector("embedding_centernet", {"in_channels": channels, "hidden": 64, "stride": stride})
+    det_cfg = {"in_channels": channels, "hidden": 64, "stride": stride}
+    detector = build_detector("embedding_centernet", det_cfg)
     kp_cfg = {"in_channels": channels, "hidden": 64, "crop_size": 16, "spatial_scale": 1.0 / stride, "margin": 0.15}
     keypoints = build_keypoint_net("embedding_heatmap", kp_cfg)
     weights.update(detector=detector, keypoints=keypoints)
@@ -124,7 +125,7 @@ def init_bundle(
         "sam": sam_entry,
         "preprocess": pre.to_dict(),
         "heads": {"box": None, "refine": None},
-        "detector": stage_entry("embedding_centernet", dict(in_channels=channels, hidden=64, stride=stride), "embedding"),
+        "detector": stage_entry("embedding_centernet", det_cfg, "embedding"),
         "keypoints": stage_entry("embedding_heatmap", kp_cfg, "embedding"),
         "prompt": {"text": "polyp", "mode": "all", "score_threshold": 0.3, "nms_iou": 0.5,
                    "max_instances": 5, "edge_label": "negative", **(prompt or {})},

@@ -1,0 +1,44 @@
+import math
+
+import pytest
+import torch
+
+from cp_deploy.models.detector import decode_centernet
+from cp_deploy.models.keypoints import decode_heatmaps, heatmap_to_image, image_to_heatmap
+from cp_deploy.models.sam import build_sam
+from cp_deploy.models.weights import WeightsError, load_strict
+
+
+def test_keypoint_subpixel_decoding():
+    """A Gaussian heatmap peaked between pixels decodes to the true sub-pixel location."""
+    h = w = 32
+    true = torch.tensor([[[10.3, 20.7], [5.0, 5.0]]])  # 1 instance x 2 points (x, y)
+    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    maps = torch.stack([-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 1.5**2) for x, y in true[0]])[None]
+    crops = torch.tensor([[100.0, 200.0, 164.0, 264.0]])  # 2 input px per heatmap px
+    pts, conf = decode_heatmaps(maps, crops)
+    expected = heatmap_to_image(true, crops, 32)
+    assert torch.allclose(pts, expected, atol=0.05 * 2)
+    assert conf.shape == (1, 2)
+    assert torch.allclose(image_to_heatmap(expected, crops, 32), true, atol=1e-5)
+
+
+def test_centernet_decoding():
+    heat = torch.full((1, 1, 8, 8), -10.0)
+    heat[0, 0, 3, 5] = 5.0
+    size = torch.zeros(1, 2, 8, 8)
+    size[0, :, 3, 5] = torch.tensor([math.log(2.0), math.log(4.0)])  # 2x4 cells
+    offset = torch.zeros(1, 2, 8, 8)  # sigmoid(0) = half a cell
+    (boxes, scores), = decode_centernet({"heatmap": heat, "size": size, "offset": offset}, stride=4)
+    # centre (5.5, 3.5) cells = (22, 14) px; 8x16 px
+    assert torch.allclose(boxes[0], torch.tensor([18.0, 6.0, 26.0, 22.0]))
+    assert scores[0] > 0.99
+
+
+def test_strict_loading_names_the_keys():
+    sam = build_sam("tiny")
+    state = sam.state_dict()
+    state.pop("mask_decoder.iou_token.weight")
+    state["prompt_encoder.extra"] = torch.zeros(1)
+    with pytest.raises(WeightsError, match="missing: mask_decoder.iou_token.weight.*unexpected: prompt_encoder.extra"):
+        load_strict(build_sam("tiny"), state, "x.safetensors")
