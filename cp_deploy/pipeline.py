@@ -114,11 +114,19 @@ class CurriculumPipeline:
 
     # -- the pipeline -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def predict(self, images: list[np.ndarray], boxes: list[np.ndarray] | None = None) -> list[ImageResult]:
+    def predict(
+        self,
+        images: list[np.ndarray],
+        boxes: list[np.ndarray] | None = None,
+        points: list[np.ndarray] | None = None,
+        embeddings: torch.Tensor | None = None,
+    ) -> list[ImageResult]:
         """Segment decoded images (any of HxW, HxWx3, HxWx4; uint8, uint16 or float).
 
-        ``boxes`` (per image, Kx4 xyxy in original pixels) replaces the detector, e.g. for
-        evaluation with ground-truth boxes.
+        Overrides, for evaluation and training: ``boxes`` (per image, Kx4 xyxy in original
+        pixels) replaces the detector, e.g. ground-truth boxes; ``points`` (per image, Kx8x2, with
+        ``boxes``) replaces the keypoint net; ``embeddings`` (BxCxhxw) replaces the encoder, e.g.
+        from the training cache.
         """
         if not images:
             return []
@@ -131,7 +139,7 @@ class CurriculumPipeline:
         t["preprocess"] += _ms(t0)
 
         t0 = time.perf_counter()
-        emb = self.engine.encode(x)
+        emb = self.engine.encode(x) if embeddings is None else embeddings.to(dev, torch.float32)
         t["encode"] += _ms(t0)
 
         # Detection -> per-image instances in original pixels.
@@ -174,7 +182,11 @@ class CurriculumPipeline:
             points = None
             if k_pts:
                 t0 = time.perf_counter()
-                points_orig, point_scores = self._keypoints(images, boxes_orig, idx, emb, frames, cache)
+                if points is None:
+                    points_orig, point_scores = self._keypoints(images, boxes_orig, idx, emb, frames, cache)
+                else:
+                    points_orig = torch.cat([torch.as_tensor(p, dtype=torch.float32).reshape(-1, 8, 2) for p in points])
+                    point_scores = torch.ones(points_orig.shape[:2])
                 label = 1 if prompts == "points" else self.edge_label
                 pts = self._to_frame(points_orig, idx, frames, self.sam_cfg).to(dev)
                 points = (pts, torch.full(pts.shape[:2], label, dtype=torch.int64, device=dev))

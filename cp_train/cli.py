@@ -1,18 +1,159 @@
-"""``cp-train``: fine-tune the bundle's models."""
+"""``cp-train detector|keypoints|sam-box|sam-refine|all``: fine-tune a bundle's models."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cp_deploy.bundle import EDGE_LABELS, load_bundle
+from cp_deploy.models.build import build_models, stage_entry
+from cp_deploy.pipeline import PipelineOptions
+from cp_deploy.preprocess import PreprocessConfig
+from cp_train.bundle_io import derive_bundle
+from cp_train.data import EmbeddingCache, carve_validation, load_samples, read_split
+from cp_train.evaluate import evaluate
+from cp_train.trainers.loop import LoopConfig, fit
+
+STAGES = ("detector", "sam-box", "keypoints", "sam-refine")
+
+
+def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
+    """Train one stage on top of the bundle in ``base_dir`` and write ``args.out``."""
+    t0 = time.perf_counter()
+    base = load_bundle(base_dir)
+    models = build_models(base)
+    names = read_split(args.split)
+    train_names, val_names = carve_validation(names, args.val_fraction, args.seed)
+    if args.max_images:
+        train_names = train_names[: args.max_images]
+    cfg = LoopConfig(epochs=args.epochs or DEFAULT_EPOCHS[stage], batch_size=args.batch_size or DEFAULT_BATCH[stage],
+                     lr=args.lr or DEFAULT_LR[stage], seed=args.seed, resume=args.resume, progress=not args.no_progress)
+    val = load_samples(args.data, val_names)
+    cache = EmbeddingCache(args.cache_dir, base, lambda x: models.image_encoder(x))
+    with torch.no_grad():
+        val_emb = cache.fill(val, progress=not args.no_progress)
+    work = Path(args.work_dir or f"{args.out}-work")
+    edge_label = EDGE_LABELS[base.prompt.edge_label]
+
+    if stage == "detector":
+        from cp_deploy.models.efficientnet import Lite0CenterNet
+        from cp_train.trainers.detector import make_train_epoch
+
+        det_cfg = {"fpn": 64, "stride": 8}
+        pre = PreprocessConfig(image_size=args.detector_size, normalize="meanstd")
+        net = Lite0CenterNet(**det_cfg, pretrained=True)
+        # The stem and first two stages stay frozen (ImageNet edges and textures; this also
+        # halves the backward pass on a CPU).
+        frozen = [net.backbone.conv_stem, net.backbone.bn1, *net.backbone.blocks[:2]]
+        for m in frozen:
+            m.requires_grad_(False)
+        train = load_samples(args.data, train_names, max_side=args.detector_size)
+        entry = stage_entry("lite0_centernet", det_cfg, "image", pre.to_dict())
+        spec = load_bundle(base_dir)
+        spec.detector.arch, spec.detector.config, spec.detector.reads, spec.detector.preprocess = (
+            "lite0_centernet", det_cfg, "image", pre)
+
+        def validate(model):
+            models.detector = model
+            return evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"))
+
+        epoch_fn = make_train_epoch(train, pre, 8, cfg.batch_size, args.seed)
+
+        def train_epoch(model, opt, epoch):
+            for m in frozen:
+                m.eval()
+            return epoch_fn(model, opt, epoch)
+
+        params = [p for p in net.parameters() if p.requires_grad]
+        state = fit("detector", net, params, train_epoch, validate, cfg, work)
+        replace = {"detector": (entry, state)}
+    else:
+        from cp_train.trainers.sam import instance_targets, make_keypoint_epoch, make_sam_epoch
+
+        train = load_samples(args.data, train_names)
+        with torch.no_grad():
+            emb = cache.fill(train, progress=not args.no_progress)
+        low = models.box.mask_input_size[0]
+        targets = instance_targets(train, base.preprocess.image_size, low)
+        if stage in ("sam-box", "sam-refine"):
+            head_name = "box" if stage == "sam-box" else "refine"
+            head = getattr(models, head_name)
+            opts = PipelineOptions(prompts="box") if head_name == "box" else PipelineOptions(prompts="curriculum")
+
+            def validate(model):
+                setattr(models, head_name, model)
+                return evaluate(base, models, val, val_emb, opts, gt_boxes=True, gt_points=head_name == "refine")
+
+            fn = make_sam_epoch(head_name, targets, emb, cfg.batch_size, args.seed,
+                                box_head=models.box.eval(), edge_label=edge_label)
+            state = fit(stage, head, list(head.parameters()), fn, validate, cfg, work)
+            replace = {head_name: (None, state)}
+        else:
+            net = models.keypoints
+
+            def validate(model):
+                models.keypoints = model
+                return evaluate(base, models, val, val_emb, PipelineOptions(prompts="curriculum"), gt_boxes=True)
+
+            fn = make_keypoint_epoch(targets, emb, cfg.batch_size, args.seed, float(base.keypoints.config["margin"]))
+            state = fit("keypoints", net, list(net.parameters()), fn, validate, cfg, work)
+            replace = {"keypoints": (None, state)}
+    meta = {f"trained_{stage}": {"data": str(Path(args.data).name), "split": Path(args.split).name,
+                                  "train_images": len(train_names), "val_images": len(val_names),
+                                  "epochs": cfg.epochs, "seconds": round(time.perf_counter() - t0)}}
+    derive_bundle(base, args.out, replace, metadata={"trained": True, **meta})
+    print(f"[{stage}] wrote bundle {args.out} in {time.perf_counter() - t0:.0f} s")
+    return Path(args.out)
+
+
+DEFAULT_EPOCHS = {"detector": 8, "sam-box": 3, "keypoints": 6, "sam-refine": 3}
+DEFAULT_BATCH = {"detector": 16, "sam-box": 4, "keypoints": 16, "sam-refine": 4}
+DEFAULT_LR = {"detector": 5e-4, "sam-box": 1e-4, "keypoints": 1e-3, "sam-refine": 1e-4}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cp-train", description="Fine-tune the curriculum's four models into a bundle.")
+    p.add_argument("stage", choices=[*STAGES, "all"], help="what to train ('all': the four in order)")
+    p.add_argument("--data", required=True, help="dataset folder with images/ and masks/")
+    p.add_argument("--split", required=True, help="file of training names (validation is carved from it)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--base", default=None, help="bundle to start from (default: the shipped default bundle)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default per stage: " +
+                   ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items()) + ")")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 16 detector/keypoints, 4 SAM)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-4 for SAM heads)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of --split held out for validation")
+    p.add_argument("--max-images", type=int, default=0, help="train on at most this many images (0: all)")
+    p.add_argument("--detector-size", type=int, default=256, help="detector input size (longest side)")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "curriculum-prompting"),
+                   help="embedding cache folder")
+    p.add_argument("--work-dir", default=None, help="checkpoints and logs (default: OUT-work)")
+    p.add_argument("--resume", action="store_true", help="continue each stage from its last saved epoch")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cp-train", description="Fine-tune the curriculum's four models.")
-    stages = ["detector", "keypoints", "sam-box", "sam-refine", "all"]
-    parser.add_argument("stage", choices=stages, help="what to train")
-    parser.parse_known_args(argv)
-    print("cp-train: training is not implemented in this release", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = Path(args.base) if args.base else None
+    if base is None:
+        from cp_deploy.bundle import default_bundle_path
+
+        base = default_bundle_path()
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        base = train_stage(stage, args, base)
+    print(json.dumps({"bundle": str(args.out), "stages": list(stages)}))
+    return 0
 
 
 if __name__ == "__main__":

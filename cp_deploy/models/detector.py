@@ -73,4 +73,8 @@ def build_detector(arch: str, config: dict) -> nn.Module:
     """A detector from its bundle entry (``arch`` and ``config``)."""
     if arch == "embedding_centernet":
         return EmbeddingCenterNet(**config)
-    raise ValueError(f"unknown detector arch {arch!r}; known: embedding_centernet")
+    if arch == "lite0_centernet":
+        from cp_deploy.models.efficientnet import Lite0CenterNet
+
+        return Lite0CenterNet(**config)
+    raise ValueError(f"unknown detector arch {arch!r}; known: embedding_centernet, lite0_centernet")

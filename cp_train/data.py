@@ -1,0 +1,158 @@
+"""Datasets in the ``images/`` + ``masks/`` layout, splits, augmentation and the embedding cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cp_deploy.bundle import Bundle
+from cp_deploy.io import IMAGE_EXTENSIONS, read_image, read_mask
+from cp_deploy.preprocess import preprocess_image, resize_longest_side, to_rgb_uint8
+
+
+class DataError(RuntimeError):
+    pass
+
+
+def read_split(path: str | Path) -> list[str]:
+    """Names (without extension), one per line; blank lines and ``#`` comments ignored."""
+    lines = Path(path).read_text().splitlines()
+    return [s.strip() for s in lines if s.strip() and not s.startswith("#")]
+
+
+def carve_validation(names: list[str], fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split of the training names (val never overlaps train)."""
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(order) * fraction))
+    val = sorted(order[:n_val])
+    return sorted(order[n_val:]), val
+
+
+def _find(folder: Path, name: str) -> Path:
+    for ext in IMAGE_EXTENSIONS:
+        for e in (ext, ext.upper()):
+            p = folder / f"{name}{e}"
+            if p.is_file():
+                return p
+    raise DataError(f"no image named '{name}' with a known extension in {folder}")
+
+
+@dataclass
+class Sample:
+    name: str
+    image: np.ndarray  # HxWx3 uint8 RGB
+    mask: np.ndarray  # HxW bool
+
+
+def load_samples(data_dir: str | Path, names: list[str], max_side: int | None = None) -> list[Sample]:
+    """Decode images and masks; optionally shrink both to ``max_side`` (longest side) to save memory."""
+    data_dir = Path(data_dir)
+    out = []
+    for n in tqdm(names, desc="loading", unit="img", leave=False):
+        img = to_rgb_uint8(read_image(_find(data_dir / "images", n)))
+        mask = read_mask(_find(data_dir / "masks", n))
+        if mask.shape != img.shape[:2]:
+            raise DataError(f"{n}: mask {mask.shape} and image {img.shape[:2]} differ in size")
+        if max_side is not None and max(img.shape[:2]) > max_side:
+            img = resize_longest_side(img, max_side)
+            mask = cv2.resize(mask.astype(np.uint8), img.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+        out.append(Sample(n, img, mask))
+    return out
+
+
+def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Photometric and geometric augmentation aimed at other hospitals' images: flips, 90-degree
+    turns, scale/shift crops, colour, contrast, gamma and blur. Targets are derived afterwards
+    from the augmented mask, so boxes and points always agree with it."""
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    if rng.random() < 0.5:
+        image, mask = image[::-1], mask[::-1]
+    k = int(rng.integers(0, 4))
+    image, mask = np.rot90(image, k), np.rot90(mask, k)
+    h, w = mask.shape
+    s = rng.uniform(0.7, 1.0)
+    ch, cw = int(h * s), int(w * s)
+    y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    crop = mask[y0 : y0 + ch, x0 : x0 + cw]
+    if crop.sum() > 0.5 * mask.sum():  # keep most of the lesion in view
+        image, mask = image[y0 : y0 + ch, x0 : x0 + cw], crop
+    img = np.ascontiguousarray(image).astype(np.float32)
+    img = img * rng.uniform(0.7, 1.3) + rng.uniform(-30, 30)  # contrast, brightness
+    img = img * rng.uniform(0.85, 1.15, size=3)  # per-channel colour cast
+    img = np.clip(img, 0, 255)
+    img = 255.0 * (img / 255.0) ** rng.uniform(0.7, 1.4)  # gamma
+    img = img.astype(np.uint8)
+    if rng.random() < 0.3:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.5))
+    return img, np.ascontiguousarray(mask)
+
+
+def encoder_id(bundle: Bundle) -> str:
+    """Identifies the frozen encoder and its preprocessing, so a cache never mixes encoders."""
+    key = json.dumps([bundle.sam_arch, bundle.sam.sha256, bundle.preprocess.to_dict()], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class EmbeddingCache:
+    """Frozen-encoder embeddings on disk (fp16, one file per image), computed once.
+
+    Both SAM heads, the embedding-reading keypoint net, every epoch and the validation reuse it.
+    ``encoder_calls`` counts images actually encoded, for tests and logs.
+    """
+
+    def __init__(self, root: str | Path, bundle: Bundle, encode) -> None:
+        self.dir = Path(root) / encoder_id(bundle)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = bundle.preprocess
+        self.encode = encode
+        self.encoder_calls = 0
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.pt"
+
+    def get(self, sample: Sample) -> torch.Tensor:
+        p = self.path(sample.name)
+        if p.is_file():
+            return torch.load(p, weights_only=True)
+        x, _ = preprocess_image(sample.image, self.cfg)
+        emb = self.encode(x[None])[0].to(torch.float16).cpu()
+        self.encoder_calls += 1
+        tmp = p.with_suffix(".tmp")
+        torch.save(emb, tmp)
+        tmp.replace(p)
+        return emb
+
+    def fill(self, samples: list[Sample], progress: bool = True) -> torch.Tensor:
+        """All embeddings of ``samples`` stacked (N x C x h x w, fp16), computing the missing ones."""
+        out = [self.get(s) for s in tqdm(samples, desc="embeddings", unit="img", disable=not progress)]
+        return torch.stack(out)
+
+
+def lowres_target(mask: np.ndarray, frame, low_size: int) -> torch.Tensor:
+    """An original-size mask in the padded model frame at the decoder's low resolution (the
+    geometry ``postprocess_masks`` inverts)."""
+    h, w = frame.input_size
+    m = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+    full = np.zeros((frame.image_size, frame.image_size), np.float32)
+    full[:h, :w] = m
+    if low_size != frame.image_size:
+        full = cv2.resize(full, (low_size, low_size), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy((full >= 0.5).astype(np.float32))
+
+
+def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, scale: float = 0.1) -> np.ndarray:
+    """Gaussian noise of ``scale`` x the box side on each edge, so heads see detector-like error."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
+    wh = np.maximum(b[:, 2:] - b[:, :2], 1.0)
+    b += rng.normal(0, scale, b.shape) * np.concatenate([wh, wh], 1)
+    return np.concatenate([np.minimum(b[:, :2], b[:, 2:] - 1), np.maximum(b[:, 2:], b[:, :2] + 1)], 1)

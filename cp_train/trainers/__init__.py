@@ -1,0 +1,1 @@
+"""One training loop (loop.py) and a small file per model."""

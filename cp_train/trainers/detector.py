@@ -1,0 +1,71 @@
+"""Detector training: CenterNet targets from mask instances, focal + L1 losses."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cp_deploy.preprocess import PreprocessConfig, preprocess_image
+from cp_train.data import Sample, augment
+from cp_train.losses import centernet_focal
+from cp_train.targets import mask_instances
+
+
+def centernet_targets(boxes: np.ndarray, grid: int, stride: float) -> dict[str, torch.Tensor]:
+    """Input-pixel boxes -> heatmap (Gaussian per box, 1 at its centre cell), size and offset
+    targets at the centre cells, and the mask of those cells."""
+    heat = np.zeros((grid, grid), np.float32)
+    size = np.zeros((2, grid, grid), np.float32)
+    offset = np.zeros((2, grid, grid), np.float32)
+    reg = np.zeros((grid, grid), np.float32)
+    ys, xs = np.mgrid[:grid, :grid]
+    for x0, y0, x1, y1 in boxes:
+        w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+        cx, cy = (x0 + x1) / 2 / stride, (y0 + y1) / 2 / stride
+        ix, iy = min(int(cx), grid - 1), min(int(cy), grid - 1)
+        sx, sy = max(w / stride / 6, 0.8), max(h / stride / 6, 0.8)
+        g = np.exp(-((xs - ix) ** 2) / (2 * sx**2) - ((ys - iy) ** 2) / (2 * sy**2))
+        heat = np.maximum(heat, g)
+        heat[iy, ix] = 1.0
+        size[:, iy, ix] = np.log(w / stride), np.log(h / stride)
+        offset[:, iy, ix] = cx - ix, cy - iy
+        reg[iy, ix] = 1.0
+    return {k: torch.from_numpy(v) for k, v in (("heatmap", heat[None]), ("size", size), ("offset", offset), ("reg", reg[None]))}
+
+
+def detector_batch(samples: list[Sample], cfg: PreprocessConfig, stride: float, rng: np.random.Generator | None):
+    """(images Bx3xSxS, stacked targets) with augmentation when ``rng`` is given."""
+    xs, targets = [], []
+    grid = cfg.image_size // int(stride)
+    for s in samples:
+        img, mask = (s.image, s.mask) if rng is None else augment(s.image, s.mask, rng)
+        x, frame = preprocess_image(img, cfg)
+        boxes = np.array([i.box for i in mask_instances(mask)]).reshape(-1, 4)
+        xs.append(x)
+        targets.append(centernet_targets(frame.boxes_to_input(boxes), grid, stride))
+    return torch.stack(xs), {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
+
+
+def detector_loss(raw: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> torch.Tensor:
+    n = t["reg"].sum().clamp(min=1)
+    size = (F.l1_loss(raw["size"], t["size"], reduction="none") * t["reg"]).sum() / n
+    off = (F.l1_loss(torch.sigmoid(raw["offset"]), t["offset"], reduction="none") * t["reg"]).sum() / n
+    return centernet_focal(raw["heatmap"], t["heatmap"]) + 0.5 * size + off
+
+
+def make_train_epoch(samples: list[Sample], cfg: PreprocessConfig, stride: float, batch_size: int, seed: int):
+    def train_epoch(model, opt, epoch: int) -> float:
+        rng = np.random.default_rng(seed + epoch)
+        order = rng.permutation(len(samples))
+        losses = []
+        for i in range(0, len(order), batch_size):
+            x, t = detector_batch([samples[j] for j in order[i : i + batch_size]], cfg, stride, rng)
+            loss = detector_loss(model(x), t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return float(np.mean(losses))
+
+    return train_epoch

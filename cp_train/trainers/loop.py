@@ -1,0 +1,87 @@
+"""The one training loop: epochs, validation mDice, best checkpoint, resume, logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+
+
+def fit(
+    name: str,
+    model: nn.Module,
+    params: list,
+    train_epoch: Callable[[nn.Module, torch.optim.Optimizer, int], float],
+    validate: Callable[[nn.Module], dict],
+    cfg: LoopConfig,
+    work_dir: str | Path,
+) -> dict:
+    """Train ``model`` and return its best state dict (by validation mDice).
+
+    ``train_epoch(model, optimiser, epoch)`` returns the epoch's mean loss. After every epoch the
+    model is validated, ``last.pt`` (model, optimiser, epoch, best) is written atomically and, on
+    a new best, ``best.pt``; with ``cfg.resume`` training continues after the last saved epoch.
+    AdamW with a cosine schedule over ``cfg.epochs``.
+    """
+    work = Path(work_dir) / name
+    work.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, cfg.epochs) / cfg.epochs)))
+    start, best, best_state = 0, -1.0, None
+    last, best_path, log = work / "last.pt", work / "best.pt", work / "log.jsonl"
+    if cfg.resume and last.is_file():
+        ck = torch.load(last, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start, best = ck["epoch"] + 1, ck["best"]
+        print(f"[{name}] resuming after epoch {ck['epoch'] + 1}/{cfg.epochs} (best mDice {best:.4f})")
+    elif log.exists():
+        log.unlink()
+    torch.manual_seed(cfg.seed + start)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        loss = train_epoch(model, opt, epoch)
+        sched.step()
+        model.eval()
+        with torch.no_grad():
+            val = validate(model)
+        rec = {"epoch": epoch + 1, "loss": round(float(loss), 5), **{k: round(float(v), 5) for k, v in val.items()},
+               "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 1)}
+        with log.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        improved = val["mDice"] > best
+        if improved:
+            best = val["mDice"]
+            _atomic_save({"model": model.state_dict(), "epoch": epoch, "val": val}, best_path)
+        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "epoch": epoch, "best": best}, last)
+        print(f"[{name}] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} "
+              + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + (" *best*" if improved else ""), flush=True)
+    if best_path.is_file():
+        best_state = torch.load(best_path, weights_only=False)["model"]
+    return best_state if best_state is not None else model.state_dict()
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)

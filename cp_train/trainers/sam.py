@@ -1,0 +1,120 @@
+"""SAM head training on cached embeddings: ``box`` on jittered GT boxes; ``refine`` on the
+trained box head's coarse logits plus jittered GT edge points labelled with the edge label."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cp_deploy.models.keypoints import expand_boxes, image_to_heatmap
+from cp_deploy.models.sam import PromptHead
+from cp_deploy.preprocess import Frame
+from cp_train.data import Sample, jitter_boxes, lowres_target
+from cp_train.losses import dice_bce
+from cp_train.targets import mask_instances
+
+
+@dataclass
+class InstanceTargets:
+    """Every instance of a set of samples, in original pixels, with its low-res mask target."""
+
+    image: list[int]
+    boxes: np.ndarray  # Nx4
+    points: np.ndarray  # Nx8x2
+    masks: torch.Tensor  # Nxlxl
+    frames: list[Frame]
+
+
+def instance_targets(samples: list[Sample], image_size: int, low_size: int) -> InstanceTargets:
+    image, boxes, points, masks, frames = [], [], [], [], []
+    for i, s in enumerate(samples):
+        fr = Frame.for_image(s.mask.shape, image_size)
+        frames.append(fr)
+        for inst in mask_instances(s.mask):
+            image.append(i)
+            boxes.append(inst.box)
+            points.append(inst.points)
+            masks.append(lowres_target(inst.mask, fr, low_size))
+    return InstanceTargets(image, np.array(boxes), np.array(points), torch.stack(masks), frames)
+
+
+def _to_input(t: InstanceTargets, idx: np.ndarray, xy: np.ndarray, boxes: bool) -> torch.Tensor:
+    out = [t.frames[t.image[j]].boxes_to_input(a)[0] if boxes else t.frames[t.image[j]].coords_to_input(a)
+           for j, a in zip(idx, xy)]
+    return torch.as_tensor(np.stack(out), dtype=torch.float32)
+
+
+def make_sam_epoch(
+    stage: str,
+    targets: InstanceTargets,
+    embeddings: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    box_head: PromptHead | None = None,
+    edge_label: int = 0,
+    box_jitter: float = 0.1,
+    point_jitter: float = 0.02,
+):
+    """One epoch over instances in batches of ``batch_size`` (the paper's batch 4)."""
+
+    def train_epoch(head: PromptHead, opt, epoch: int) -> float:
+        rng = np.random.default_rng(seed + epoch)
+        order = rng.permutation(len(targets.image))
+        losses = []
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            emb = embeddings[[targets.image[j] for j in idx]].float()
+            boxes = _to_input(targets, idx, jitter_boxes(targets.boxes[idx], rng, box_jitter), boxes=True)
+            if stage == "box":
+                logits, _ = head(emb, boxes=boxes)
+            else:
+                with torch.no_grad():
+                    coarse, _ = box_head(emb, boxes=boxes)
+                wh = np.maximum(targets.boxes[idx, 2:] - targets.boxes[idx, :2], 1.0)[:, None, :]
+                pts = targets.points[idx] + rng.normal(0, point_jitter, targets.points[idx].shape) * wh
+                pts = _to_input(targets, idx, pts, boxes=False)
+                labels = torch.full(pts.shape[:2], edge_label, dtype=torch.int64)
+                logits, _ = head(emb, points=(pts, labels), mask_input=coarse)
+            loss = dice_bce(logits[:, 0], targets.masks[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return float(np.mean(losses))
+
+    return train_epoch
+
+
+def make_keypoint_epoch(targets: InstanceTargets, embeddings: torch.Tensor, batch_size: int, seed: int,
+                        margin: float, sigma: float = 1.5, box_jitter: float = 0.1):
+    """Heatmap regression on RoIAlign crops of the embedding around jittered GT boxes."""
+
+    def train_epoch(net, opt, epoch: int) -> float:
+        rng = np.random.default_rng(seed + epoch)
+        order = rng.permutation(len(targets.image))
+        losses = []
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            imgs = sorted(set(targets.image[j] for j in idx))
+            local = {g: k for k, g in enumerate(imgs)}
+            feats = embeddings[imgs].float()
+            boxes = _to_input(targets, idx, jitter_boxes(targets.boxes[idx], rng, box_jitter), boxes=True)
+            crops = expand_boxes(boxes, margin)
+            rois = torch.cat([torch.tensor([[float(local[targets.image[j]])] for j in idx]), crops], 1)
+            heat = net(feats, rois)
+            hs = heat.shape[-1]
+            gt = image_to_heatmap(_to_input(targets, idx, targets.points[idx], boxes=False), crops, hs)
+            yy, xx = torch.meshgrid(torch.arange(hs).float(), torch.arange(hs).float(), indexing="ij")
+            d2 = (xx - gt[..., 0, None, None]) ** 2 + (yy - gt[..., 1, None, None]) ** 2
+            target = torch.exp(-d2 / (2 * sigma**2))
+            weight = 1 + 10 * target  # the peak is a few pixels of a 32x32 map
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(heat, target, weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return float(np.mean(losses))
+
+    return train_epoch

@@ -1,0 +1,92 @@
+"""cp-train on a tiny synthetic dataset with the tiny bundle: every stage trains, its loss falls,
+the embedding cache is reused, --resume continues, and the result is a bundle cp-deploy loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cp_deploy.bundle import load_bundle
+from cp_deploy.engines.torch import TorchEngine
+from cp_deploy.models.build import build_models
+from cp_deploy.pipeline import CurriculumPipeline
+from cp_train.cli import main as train_main
+from cp_train.data import EmbeddingCache, load_samples, read_split
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(12):
+        h, w = int(rng.integers(70, 110)), int(rng.integers(70, 110))
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:] = rng.integers(20, 80, 3)
+        mask = np.zeros((h, w), np.uint8)
+        c = (int(rng.integers(25, w - 25)), int(rng.integers(25, h - 25)))
+        axes = (int(rng.integers(8, 20)), int(rng.integers(8, 20)))
+        cv2.ellipse(mask, c, axes, float(rng.integers(0, 180)), 0, 360, 255, -1)
+        img[mask > 0] = rng.integers(150, 255, 3)
+        name = f"s{i:02d}"
+        cv2.imwrite(str(root / "images" / f"{name}.png"), img)
+        cv2.imwrite(str(root / "masks" / f"{name}.png"), mask)
+        names.append(name)
+    (root / "train.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def _args(dataset, out, base, *extra):
+    return ["--data", str(dataset), "--split", str(dataset / "train.txt"), "--out", str(out), "--base", str(base),
+            "--cache-dir", str(out.parent / "cache"), "--val-fraction", "0.25", "--no-progress", *extra]
+
+
+def _losses(work: Path, stage: str) -> list[float]:
+    return [json.loads(line)["loss"] for line in (work / stage / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage,epochs,extra", [
+    ("sam-box", 4, ["--lr", "1e-3"]),
+    ("keypoints", 4, []),
+    ("sam-refine", 4, ["--lr", "1e-3"]),
+    ("detector", 4, ["--detector-size", "64", "--batch-size", "3"]),
+])
+def test_stage_trains_and_loss_falls(dataset, tiny_bundle, tmp_path, stage, epochs, extra):
+    out = tmp_path / "bundle"
+    assert train_main([stage, *_args(dataset, out, tiny_bundle.root, "--epochs", str(epochs), *extra)]) == 0
+    losses = _losses(Path(f"{out}-work"), stage)
+    assert len(losses) == epochs and losses[-1] < losses[0], losses
+    bundle = load_bundle(out)  # cp-deploy loads what cp-train wrote
+    assert bundle.metadata[f"trained_{stage}"]["epochs"] == epochs
+    img = cv2.imread(str(dataset / "images" / "s00.png"))
+    (res,) = CurriculumPipeline(bundle, TorchEngine(bundle)).predict([img])
+    assert res.mask.shape == img.shape[:2]
+
+
+def test_embedding_cache_is_reused(dataset, tiny_bundle, tmp_path):
+    models = build_models(tiny_bundle)
+    calls = []
+    models.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    samples = load_samples(dataset, read_split(dataset / "train.txt")[:5])
+    cache = EmbeddingCache(tmp_path, tiny_bundle, models.image_encoder)
+    first = cache.fill(samples, progress=False)
+    second = cache.fill(samples, progress=False)
+    assert sum(calls) == 5 and cache.encoder_calls == 5  # the second pass (epoch) encodes nothing
+    assert (first == second).all()
+
+
+def test_resume_continues_from_the_saved_epoch(dataset, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert train_main(["sam-box", *_args(dataset, out, tiny_bundle.root, "--epochs", "1")]) == 0
+    capsys.readouterr()
+    assert train_main(["sam-box", *_args(dataset, out, tiny_bundle.root, "--epochs", "2", "--resume")]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming after epoch 1/2" in printed and "epoch 1/2" not in printed.replace("after epoch 1/2", "")
+    epochs = [json.loads(x)["epoch"] for x in (Path(f"{out}-work") / "sam-box" / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
