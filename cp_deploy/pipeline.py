@@ -112,6 +112,26 @@ class CurriculumPipeline:
         k = 1 if self.mode == "top1" else self.max_instances
         return boxes[:k], scores[:k]
 
+    # -- stages ---------------------------------------------------------------------------------
+    def detect(
+        self, images: list[np.ndarray], emb: torch.Tensor, frames: list[Frame], cache: dict | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image (Kx4 boxes in original pixels, K scores) after threshold, NMS and top-K.
+
+        ``images`` are RGB uint8; ``emb`` and ``frames`` are the SAM embeddings and geometry.
+        """
+        cache = {} if cache is None else cache
+        if self.bundle.detector.reads == "image":
+            det_x, det_frames = self._inputs(images, self.det_cfg, cache)
+        else:
+            det_x, det_frames = emb, frames
+        raw = self.engine.detect(det_x)
+        out = []
+        for (b, s), fr in zip(decode_centernet(raw, self.detector_stride), det_frames):
+            b = torch.from_numpy(fr.boxes_to_original(b.cpu().numpy())).float()
+            out.append(self._select(b, s.cpu().float()))
+        return out
+
     # -- the pipeline -----------------------------------------------------------------------------
     @torch.inference_mode()
     def predict(
@@ -142,20 +162,9 @@ class CurriculumPipeline:
         emb = self.engine.encode(x) if embeddings is None else embeddings.to(dev, torch.float32)
         t["encode"] += _ms(t0)
 
-        # Detection -> per-image instances in original pixels.
         t0 = time.perf_counter()
         if boxes is None:
-            reads_image = self.bundle.detector.reads == "image"
-            if reads_image:
-                det_x, det_frames = self._inputs(images, self.det_cfg, cache)
-            else:
-                det_x, det_frames = emb, frames
-            raw = self.engine.detect(det_x)
-            cand = decode_centernet(raw, self.detector_stride)
-            per_image = []
-            for (b, s), fr in zip(cand, det_frames):
-                b = torch.from_numpy(fr.boxes_to_original(b.cpu().numpy())).float()
-                per_image.append(self._select(b, s.cpu().float()))
+            per_image = self.detect(images, emb, frames, cache)
         else:
             given = [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4)) for b in boxes]
             per_image = [(b, torch.ones(len(b))) for b in given]
@@ -183,7 +192,7 @@ class CurriculumPipeline:
             if k_pts:
                 t0 = time.perf_counter()
                 if points is None:
-                    points_orig, point_scores = self._keypoints(images, boxes_orig, idx, emb, frames, cache)
+                    points_orig, point_scores = self.keypoints(images, boxes_orig, idx, emb, frames, cache)
                 else:
                     points_orig = torch.cat([torch.as_tensor(p, dtype=torch.float32).reshape(-1, 8, 2) for p in points])
                     point_scores = torch.ones(points_orig.shape[:2])
@@ -259,8 +268,18 @@ class CurriculumPipeline:
             out.append(fr.boxes_to_input(a)[0] if boxes else fr.coords_to_input(a))
         return torch.as_tensor(np.stack(out), dtype=torch.float32) if out else torch.zeros((0, *xy.shape[1:]))
 
-    def _keypoints(self, images, boxes_orig, idx, emb, frames, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-down edge points for every instance, in original pixels."""
+    def keypoints(
+        self,
+        images: list[np.ndarray],
+        boxes_orig: torch.Tensor,
+        idx: torch.Tensor,
+        emb: torch.Tensor,
+        frames: list[Frame],
+        cache: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-down edge points (Nx8x2 original pixels, Nx8 confidences) for N instances, where
+        ``idx`` gives each instance's image."""
+        cache = {} if cache is None else cache
         spec = self.bundle.keypoints
         if spec.reads == "image":
             feats, kp_frames = self._inputs(images, self.kp_cfg, cache)

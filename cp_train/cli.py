@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cp_deploy.bundle import EDGE_LABELS, load_bundle
+from cp_deploy.bundle import EDGE_LABELS, StageSpec, load_bundle
 from cp_deploy.models.build import build_models, stage_entry
 from cp_deploy.pipeline import PipelineOptions
 from cp_deploy.preprocess import PreprocessConfig
@@ -33,7 +33,7 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
         train_names = train_names[: args.max_images]
     cfg = LoopConfig(epochs=args.epochs or DEFAULT_EPOCHS[stage], batch_size=args.batch_size or DEFAULT_BATCH[stage],
                      lr=args.lr or DEFAULT_LR[stage], seed=args.seed, resume=args.resume, progress=not args.no_progress)
-    val = load_samples(args.data, val_names)
+    val = load_samples(args.data, val_names, progress=not args.no_progress)
     cache = EmbeddingCache(args.cache_dir, base, lambda x: models.image_encoder(x))
     with torch.no_grad():
         val_emb = cache.fill(val, progress=not args.no_progress)
@@ -41,41 +41,12 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
     edge_label = EDGE_LABELS[base.prompt.edge_label]
 
     if stage == "detector":
-        from cp_deploy.models.efficientnet import Lite0CenterNet
-        from cp_train.trainers.detector import make_train_epoch
-
-        det_cfg = {"fpn": 64, "stride": 8}
-        pre = PreprocessConfig(image_size=args.detector_size, normalize="meanstd")
-        net = Lite0CenterNet(**det_cfg, pretrained=True)
-        # The stem and first two stages stay frozen (ImageNet edges and textures; this also
-        # halves the backward pass on a CPU).
-        frozen = [net.backbone.conv_stem, net.backbone.bn1, *net.backbone.blocks[:2]]
-        for m in frozen:
-            m.requires_grad_(False)
-        train = load_samples(args.data, train_names, max_side=args.detector_size)
-        entry = stage_entry("lite0_centernet", det_cfg, "image", pre.to_dict())
-        spec = load_bundle(base_dir)
-        spec.detector.arch, spec.detector.config, spec.detector.reads, spec.detector.preprocess = (
-            "lite0_centernet", det_cfg, "image", pre)
-
-        def validate(model):
-            models.detector = model
-            return evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"))
-
-        epoch_fn = make_train_epoch(train, pre, 8, cfg.batch_size, args.seed)
-
-        def train_epoch(model, opt, epoch):
-            for m in frozen:
-                m.eval()
-            return epoch_fn(model, opt, epoch)
-
-        params = [p for p in net.parameters() if p.requires_grad]
-        state = fit("detector", net, params, train_epoch, validate, cfg, work)
+        state, entry = _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, work)
         replace = {"detector": (entry, state)}
     else:
         from cp_train.trainers.sam import instance_targets, make_keypoint_epoch, make_sam_epoch
 
-        train = load_samples(args.data, train_names)
+        train = load_samples(args.data, train_names, progress=not args.no_progress)
         with torch.no_grad():
             emb = cache.fill(train, progress=not args.no_progress)
         low = models.box.mask_input_size[0]
@@ -111,6 +82,57 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
     return Path(args.out)
 
 
+def _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, work):
+    """The image-reading EfficientNet-Lite0 CenterNet, or the CenterNet head on the embedding."""
+    import copy
+
+    from cp_train.trainers.detector import embedding_batches, image_batches, make_train_epoch
+
+    spec = copy.copy(base)
+    frozen: list = []
+    if args.detector_arch == "lite0_centernet":
+        from cp_deploy.models.efficientnet import Lite0CenterNet
+
+        det_cfg = {"fpn": 64, "stride": 8}
+        pre = PreprocessConfig(image_size=args.detector_size, normalize="meanstd")
+        net = Lite0CenterNet(**det_cfg, pretrained=True)
+        # The stem and first two stages stay frozen: generic ImageNet edges and textures, and
+        # half the backward pass on a CPU.
+        frozen = [net.backbone.conv_stem, net.backbone.bn1, *net.backbone.blocks[:2]]
+        for m in frozen:
+            m.requires_grad_(False)
+        train = load_samples(args.data, train_names, max_side=args.detector_size, progress=not args.no_progress)
+        batch_fn = image_batches(train, pre, det_cfg["stride"])
+        entry = stage_entry("lite0_centernet", det_cfg, "image", pre.to_dict())
+        spec.detector = StageSpec("lite0_centernet", det_cfg, "image", None, None, pre)
+    else:
+        from cp_deploy.models.detector import EmbeddingCenterNet
+
+        channels, side = val_emb.shape[1], val_emb.shape[-1]
+        det_cfg = {"in_channels": channels, "hidden": 64, "stride": base.preprocess.image_size // side}
+        net = EmbeddingCenterNet(**det_cfg)
+        train = load_samples(args.data, train_names, progress=not args.no_progress)
+        with torch.no_grad():
+            emb = cache.fill(train, progress=not args.no_progress)
+        batch_fn = embedding_batches(train, emb, base.preprocess)
+        entry = stage_entry("embedding_centernet", det_cfg, "embedding")
+        spec.detector = StageSpec("embedding_centernet", det_cfg, "embedding", None, None, None)
+
+    def validate(model):
+        models.detector = model
+        return evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"))
+
+    epoch_fn = make_train_epoch(len(train), batch_fn, cfg.batch_size, args.seed)
+
+    def train_epoch(model, opt, epoch):
+        for m in frozen:
+            m.eval()  # keep ImageNet BatchNorm statistics in the frozen stages
+        return epoch_fn(model, opt, epoch)
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    return fit("detector", net, params, train_epoch, validate, cfg, work), entry
+
+
 DEFAULT_EPOCHS = {"detector": 8, "sam-box": 3, "keypoints": 6, "sam-refine": 3}
 DEFAULT_BATCH = {"detector": 16, "sam-box": 4, "keypoints": 16, "sam-refine": 4}
 DEFAULT_LR = {"detector": 5e-4, "sam-box": 1e-4, "keypoints": 1e-3, "sam-refine": 1e-4}
@@ -129,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-4 for SAM heads)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of --split held out for validation")
     p.add_argument("--max-images", type=int, default=0, help="train on at most this many images (0: all)")
+    p.add_argument("--detector-arch", default="lite0_centernet", choices=["lite0_centernet", "embedding_centernet"],
+                   help="detector: EfficientNet-Lite0 on the image, or a head on the SAM embedding")
     p.add_argument("--detector-size", type=int, default=256, help="detector input size (longest side)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "curriculum-prompting"),
                    help="embedding cache folder")

@@ -53,11 +53,13 @@ class Sample:
     mask: np.ndarray  # HxW bool
 
 
-def load_samples(data_dir: str | Path, names: list[str], max_side: int | None = None) -> list[Sample]:
+def load_samples(
+    data_dir: str | Path, names: list[str], max_side: int | None = None, progress: bool = True
+) -> list[Sample]:
     """Decode images and masks; optionally shrink both to ``max_side`` (longest side) to save memory."""
     data_dir = Path(data_dir)
     out = []
-    for n in tqdm(names, desc="loading", unit="img", leave=False):
+    for n in tqdm(names, desc="loading", unit="img", leave=False, disable=not progress):
         img = to_rgb_uint8(read_image(_find(data_dir / "images", n)))
         mask = read_mask(_find(data_dir / "masks", n))
         if mask.shape != img.shape[:2]:

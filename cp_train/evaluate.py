@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -41,3 +44,43 @@ def evaluate(
             dices.append(dice(r.mask, s.mask))
             ious.append(iou(r.mask, s.mask))
     return {"mDice": float(np.mean(dices)), "mIoU": float(np.mean(ious))}
+
+
+def score_folder(bundle: Bundle, folder: str | Path, options: PipelineOptions | None = None) -> dict:
+    """mDice / mIoU of ``bundle`` on ``folder``/images against ``folder``/masks (matched by stem)."""
+    from cp_deploy.io import discover_images, read_image, read_mask
+    from cp_deploy.models.build import build_models
+
+    folder = Path(folder)
+    masks = {p.with_suffix("").as_posix(): folder / "masks" / p for p in discover_images(folder / "masks")}
+    samples = [
+        Sample(p.stem, read_image(folder / "images" / p), read_mask(masks[p.with_suffix("").as_posix()]))
+        for p in discover_images(folder / "images")
+    ]
+    return evaluate(bundle, build_models(bundle), samples, options=options, batch_size=1)
+
+
+def record_examples(bundle_dir: str | Path, folder: str | Path) -> dict:
+    """Score the curriculum on ``folder`` and record it in the bundle's metadata (bundle.json)."""
+    from cp_deploy.bundle import BUNDLE_FILE, load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    scores = score_folder(bundle, folder)
+    path = bundle.root / BUNDLE_FILE
+    spec = json.loads(path.read_text())
+    rounded = {k: round(v, 4) for k, v in scores.items()}
+    spec.setdefault("metadata", {})["examples"] = {"prompts": "curriculum", **rounded}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    tmp.replace(path)
+    return scores
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Record a bundle's curriculum mDice on an images/ + masks/ folder.")
+    ap.add_argument("--bundle", required=True, help="bundle directory to update")
+    ap.add_argument("--examples", default="examples", help="folder with images/ and masks/")
+    a = ap.parse_args()
+    print(json.dumps(record_examples(a.bundle, a.examples)))

@@ -39,7 +39,9 @@ def map_lite0_state(package_state: dict[str, torch.Tensor], timm_state: dict[str
     out = {}
     for (sk, sv), (dk, dv) in zip(src, dst):
         if tuple(sv.shape) != tuple(dv.shape) or _leaf(sk) != _leaf(dk):
-            raise WeightsError(f"EfficientNet-Lite0 key mapping broke at {sk} {tuple(sv.shape)} -> {dk} {tuple(dv.shape)}")
+            raise WeightsError(
+                f"EfficientNet-Lite0 key mapping broke at {sk} {tuple(sv.shape)} -> {dk} {tuple(dv.shape)}"
+            )
         out[dk] = sv
     return out
 
@@ -67,12 +69,16 @@ class Lite0CenterNet(nn.Module):
         if stride != 8:
             raise ValueError("Lite0CenterNet predicts at stride 8")
         self.stride = stride
-        self.backbone = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3, 4))
+        self.backbone = timm.create_model(
+            "efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3, 4)
+        )
         if pretrained:
             cls = lite0_imagenet(True).state_dict()
             own = self.backbone.state_dict()
-            load_strict(self.backbone, {k: cls[k] for k in own if k in cls} | {k: own[k] for k in own if k not in cls},
-                        source=lite0_checkpoint())
+            missing = [k for k in own if k not in cls]
+            if missing:
+                raise WeightsError(f"EfficientNet-Lite0 features lack ImageNet weights for: {', '.join(missing[:5])}")
+            load_strict(self.backbone, {k: cls[k] for k in own}, source=lite0_checkpoint())
         chans = self.backbone.feature_info.channels()
         self.lateral = nn.ModuleList(nn.Conv2d(c, fpn, 1) for c in chans)
         self.smooth = nn.Sequential(nn.Conv2d(fpn, fpn, 3, padding=1), nn.BatchNorm2d(fpn), nn.ReLU(inplace=True))

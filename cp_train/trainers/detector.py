@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cp_deploy.preprocess import PreprocessConfig, preprocess_image
+from cp_deploy.preprocess import Frame, PreprocessConfig, preprocess_image
 from cp_train.data import Sample, augment
 from cp_train.losses import centernet_focal
 from cp_train.targets import mask_instances
@@ -31,20 +31,45 @@ def centernet_targets(boxes: np.ndarray, grid: int, stride: float) -> dict[str, 
         size[:, iy, ix] = np.log(w / stride), np.log(h / stride)
         offset[:, iy, ix] = cx - ix, cy - iy
         reg[iy, ix] = 1.0
-    return {k: torch.from_numpy(v) for k, v in (("heatmap", heat[None]), ("size", size), ("offset", offset), ("reg", reg[None]))}
+    maps = (("heatmap", heat[None]), ("size", size), ("offset", offset), ("reg", reg[None]))
+    return {k: torch.from_numpy(v) for k, v in maps}
 
 
-def detector_batch(samples: list[Sample], cfg: PreprocessConfig, stride: float, rng: np.random.Generator | None):
-    """(images Bx3xSxS, stacked targets) with augmentation when ``rng`` is given."""
-    xs, targets = [], []
-    grid = cfg.image_size // int(stride)
-    for s in samples:
-        img, mask = (s.image, s.mask) if rng is None else augment(s.image, s.mask, rng)
-        x, frame = preprocess_image(img, cfg)
-        boxes = np.array([i.box for i in mask_instances(mask)]).reshape(-1, 4)
-        xs.append(x)
-        targets.append(centernet_targets(frame.boxes_to_input(boxes), grid, stride))
+def _stack(xs: list[torch.Tensor], targets: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return torch.stack(xs), {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
+
+
+def image_batches(samples: list[Sample], cfg: PreprocessConfig, stride: int):
+    """Batches for a detector that reads the image: augmented, preprocessed, CenterNet targets."""
+    grid = cfg.image_size // stride
+
+    def batch(idx: np.ndarray, rng: np.random.Generator):
+        xs, targets = [], []
+        for j in idx:
+            img, mask = augment(samples[j].image, samples[j].mask, rng)
+            x, frame = preprocess_image(img, cfg)
+            boxes = np.array([i.box for i in mask_instances(mask)]).reshape(-1, 4)
+            xs.append(x)
+            targets.append(centernet_targets(frame.boxes_to_input(boxes), grid, stride))
+        return _stack(xs, targets)
+
+    return batch
+
+
+def embedding_batches(samples: list[Sample], embeddings: torch.Tensor, cfg: PreprocessConfig):
+    """Batches for a detector on the cached embedding (no augmentation: the cache is fixed)."""
+    grid = embeddings.shape[-1]
+    stride = cfg.image_size // grid
+    targets = []
+    for s in samples:
+        frame = Frame.for_image(s.mask.shape, cfg.image_size)
+        boxes = np.array([i.box for i in mask_instances(s.mask)]).reshape(-1, 4)
+        targets.append(centernet_targets(frame.boxes_to_input(boxes), grid, stride))
+
+    def batch(idx: np.ndarray, rng: np.random.Generator):
+        return _stack([embeddings[j].float() for j in idx], [targets[j] for j in idx])
+
+    return batch
 
 
 def detector_loss(raw: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -54,13 +79,15 @@ def detector_loss(raw: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> t
     return centernet_focal(raw["heatmap"], t["heatmap"]) + 0.5 * size + off
 
 
-def make_train_epoch(samples: list[Sample], cfg: PreprocessConfig, stride: float, batch_size: int, seed: int):
+def make_train_epoch(n: int, batch_fn, batch_size: int, seed: int):
+    """One epoch over ``n`` samples; ``batch_fn(indices, rng)`` gives (inputs, targets)."""
+
     def train_epoch(model, opt, epoch: int) -> float:
         rng = np.random.default_rng(seed + epoch)
-        order = rng.permutation(len(samples))
+        order = rng.permutation(n)
         losses = []
         for i in range(0, len(order), batch_size):
-            x, t = detector_batch([samples[j] for j in order[i : i + batch_size]], cfg, stride, rng)
+            x, t = batch_fn(order[i : i + batch_size], rng)
             loss = detector_loss(model(x), t)
             opt.zero_grad()
             loss.backward()

@@ -43,7 +43,9 @@ def fit(
     work = Path(work_dir) / name
     work.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, cfg.epochs) / cfg.epochs)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, cfg.epochs) / cfg.epochs))
+    )
     start, best, best_state = 0, -1.0, None
     last, best_path, log = work / "last.pt", work / "best.pt", work / "log.jsonl"
     if cfg.resume and last.is_file():

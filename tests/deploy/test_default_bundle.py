@@ -35,3 +35,15 @@ def test_default_bundle_box_pass_on_real_polyps(default_engine):
     scores = [dice(r.mask, g) for r, g in zip(results, gts)]
     # Zero-shot LiteMedSAM with GT boxes measures 0.946 mDice on the 100 Kvasir test images.
     assert np.mean(scores) > 0.88, scores
+
+
+def test_default_bundle_reproduces_its_recorded_examples_score(default_engine):
+    """The shipped weights give the mDice recorded in bundle.json on examples/ (within 0.01)."""
+    from cp_train.evaluate import score_folder
+
+    bundle, _ = default_engine
+    recorded = bundle.metadata.get("examples")
+    assert recorded, "the default bundle records no examples score (python -m cp_train.evaluate --bundle ...)"
+    assert bundle.metadata.get("trained"), "the default bundle should be the trained one"
+    scores = score_folder(bundle, EXAMPLES)
+    assert abs(scores["mDice"] - recorded["mDice"]) <= 0.01, (scores, recorded)

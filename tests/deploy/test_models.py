@@ -42,3 +42,24 @@ def test_strict_loading_names_the_keys():
     state["prompt_encoder.extra"] = torch.zeros(1)
     with pytest.raises(WeightsError, match="missing: mask_decoder.iou_token.weight.*unexpected: prompt_encoder.extra"):
         load_strict(build_sam("tiny"), state, "x.safetensors")
+
+
+def test_lite0_key_mapping_is_strict():
+    import timm
+
+    from cp_deploy.models.efficientnet import LITE0_SHA256, lite0_checkpoint, lite0_imagenet, map_lite0_state
+    from cp_deploy.models.weights import read_state_dict
+
+    package = read_state_dict(lite0_checkpoint(), LITE0_SHA256)
+    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    mapped = map_lite0_state(package, target)
+    assert len(mapped) == len(target) == 296
+    assert torch.equal(mapped["conv_stem.weight"], package["_conv_stem.weight"])
+    assert torch.equal(mapped["classifier.weight"], package["_fc.weight"])
+    net = lite0_imagenet(True)
+    assert torch.equal(net.state_dict()["bn2.running_var"], package["_bn1.running_var"])
+    swapped = dict(package)
+    keys = list(swapped)
+    reordered = {k: swapped[k] for k in [keys[1], keys[0], *keys[2:]]}
+    with pytest.raises(WeightsError, match="mapping broke"):
+        map_lite0_state(reordered, target)
