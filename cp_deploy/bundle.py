@@ -48,6 +48,8 @@ class PromptSettings:
     score_threshold: float = 0.3
     nms_iou: float = 0.5
     max_instances: int = 5
+    # Keep the best box(es) even under the threshold: for data where every image holds a lesion.
+    min_instances: int = 0
     edge_label: str = "negative"
 
 

@@ -27,7 +27,7 @@ def _batch(args: argparse.Namespace) -> int:
     engine = create_engine(args.engine, bundle, device=args.device)
     options = PipelineOptions(
         prompts=args.prompts, edge_label=args.edge_label, mode=args.mode,
-        score_threshold=args.score_threshold, max_instances=args.max_instances,
+        score_threshold=args.score_threshold, max_instances=args.max_instances, min_instances=args.min_instances,
     )
     pipeline = CurriculumPipeline(bundle, engine, options)
     summary = run_folder(
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--score-threshold", type=float, default=None,
                    help="detector score threshold (default: the bundle's)")
     b.add_argument("--max-instances", type=int, default=None, help="at most this many instances per image")
+    b.add_argument("--min-instances", type=int, default=None,
+                   help="keep at least this many best boxes even under the threshold (default: the bundle's)")
     b.add_argument("--overlays", action="store_true", help="also write overlays/*.jpg with contours, boxes and points")
     b.add_argument("--resume", action="store_true", help="skip images already done in --output")
     b.add_argument("--workers", type=int, default=2, help="image-decoding threads")

@@ -42,6 +42,7 @@ class PipelineOptions:
     score_threshold: float | None = None
     nms_iou: float | None = None
     max_instances: int | None = None
+    min_instances: int | None = None
 
     def __post_init__(self) -> None:
         if self.prompts not in PROMPT_MODES:
@@ -86,6 +87,7 @@ class CurriculumPipeline:
         self.score_threshold = p.score_threshold if o.score_threshold is None else o.score_threshold
         self.nms_iou = p.nms_iou if o.nms_iou is None else o.nms_iou
         self.max_instances = p.max_instances if o.max_instances is None else o.max_instances
+        self.min_instances = p.min_instances if o.min_instances is None else o.min_instances
         self.edge_label = EDGE_LABELS[o.edge_label or p.edge_label]
         self.sam_cfg = bundle.preprocess
         self.det_cfg = bundle.detector.preprocess or self.sam_cfg
@@ -103,13 +105,13 @@ class CurriculumPipeline:
         return cache[cfg]
 
     def _select(self, boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score threshold, then NMS, then top-1 or at most K instances."""
-        keep = scores >= self.score_threshold
-        boxes, scores = boxes[keep], scores[keep]
+        """NMS, then the score threshold (but at least ``min_instances`` of the best), then
+        top-1 or at most K instances."""
         if len(boxes):
             keep = nms(boxes.float(), scores.float(), self.nms_iou)
             boxes, scores = boxes[keep], scores[keep]
-        k = 1 if self.mode == "top1" else self.max_instances
+        passed = int((scores >= self.score_threshold).sum())
+        k = min(max(passed, self.min_instances), 1 if self.mode == "top1" else self.max_instances)
         return boxes[:k], scores[:k]
 
     # -- stages ---------------------------------------------------------------------------------

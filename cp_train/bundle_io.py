@@ -13,7 +13,7 @@ from cp_deploy.models.build import write_bundle
 
 
 def derive_bundle(base: Bundle, out: str | Path, replace: dict[str, tuple[dict | None, nn.Module | dict]],
-                  metadata: dict | None = None) -> Bundle:
+                  metadata: dict | None = None, prompt: dict | None = None) -> Bundle:
     """Copy ``base`` to ``out`` with some stages replaced.
 
     ``replace`` maps ``detector``, ``keypoints``, ``box`` or ``refine`` to (new bundle.json entry
@@ -42,6 +42,7 @@ def derive_bundle(base: Bundle, out: str | Path, replace: dict[str, tuple[dict |
     if sam.get("checkpoint") and not Path(sam["checkpoint"]).is_absolute():
         _copy(base.root / sam["checkpoint"], out)
     spec.setdefault("metadata", {}).update(metadata or {})
+    spec.setdefault("prompt", {}).update(prompt or {})
     return write_bundle(out, spec, {k: v[1] for k, v in replace.items()})
 
 

@@ -40,8 +40,9 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
     work = Path(args.work_dir or f"{args.out}-work")
     edge_label = EDGE_LABELS[base.prompt.edge_label]
 
+    prompt = None
     if stage == "detector":
-        state, entry = _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, work)
+        state, entry, prompt = _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, work)
         replace = {"detector": (entry, state)}
     else:
         from cp_train.trainers.sam import instance_targets, make_keypoint_epoch, make_sam_epoch
@@ -77,7 +78,7 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
     meta = {f"trained_{stage}": {"data": str(Path(args.data).name), "split": Path(args.split).name,
                                   "train_images": len(train_names), "val_images": len(val_names),
                                   "epochs": cfg.epochs, "seconds": round(time.perf_counter() - t0)}}
-    derive_bundle(base, args.out, replace, metadata={"trained": True, **meta})
+    derive_bundle(base, args.out, replace, metadata={"trained": True, **meta}, prompt=prompt)
     print(f"[{stage}] wrote bundle {args.out} in {time.perf_counter() - t0:.0f} s")
     return Path(args.out)
 
@@ -130,7 +131,28 @@ def _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, w
         return epoch_fn(model, opt, epoch)
 
     params = [p for p in net.parameters() if p.requires_grad]
-    return fit("detector", net, params, train_epoch, validate, cfg, work), entry
+    state = fit("detector", net, params, train_epoch, validate, cfg, work)
+    net.load_state_dict(state)
+    return state, entry, tune_detection(spec, models, net, val, val_emb, work)
+
+
+def tune_detection(spec, models, net, val, val_emb, work: Path) -> dict:
+    """Pick the score threshold and the minimum instance count on the validation split (never on
+    test data) by the mDice of the box pass; logged to WORK/detector/tuning.jsonl."""
+    import dataclasses
+
+    models.detector = net.eval()
+    best, rows = None, []
+    for min_inst in (0, 1):
+        for thr in (0.2, 0.3, 0.4, 0.5):
+            spec.prompt = dataclasses.replace(spec.prompt, score_threshold=thr, min_instances=min_inst)
+            r = evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"))
+            rows.append({"score_threshold": thr, "min_instances": min_inst, **r})
+            print(f"[detector] val: threshold {thr} min_instances {min_inst}: mDice {r['mDice']:.4f}", flush=True)
+            if best is None or r["mDice"] > best[1]:
+                best = ({"score_threshold": thr, "min_instances": min_inst}, r["mDice"])
+    (work / "detector" / "tuning.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return best[0]
 
 
 DEFAULT_EPOCHS = {"detector": 8, "sam-box": 3, "keypoints": 6, "sam-refine": 3}

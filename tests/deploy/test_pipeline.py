@@ -111,6 +111,10 @@ def test_threshold_nms_topk(tiny_bundle, engine):
     pipe.mode = "all"
     b, s = pipe._select(boxes, scores)  # the overlapping 0.8 is suppressed; 0.01 is under the threshold
     assert s.tolist() == pytest.approx([0.9, 0.7])
+    pipe.score_threshold = 0.95  # none passes; min_instances keeps the best anyway
+    assert len(pipe._select(boxes, scores)[0]) == 0
+    pipe.min_instances = 1
+    assert pipe._select(boxes, scores)[1].tolist() == pytest.approx([0.9])
 
 
 def test_given_boxes_replace_the_detector(tiny_bundle, engine):
