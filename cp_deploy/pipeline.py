@@ -190,17 +190,18 @@ class CurriculumPipeline:
                 t0 = time.perf_counter()
                 coarse, iou = self.engine.decode("box", inst_emb, boxes=sam_boxes)
                 t["box"] += _ms(t0)
-            points = None
+            point_prompt = None
             if k_pts:
                 t0 = time.perf_counter()
                 if points is None:
                     points_orig, point_scores = self.keypoints(images, boxes_orig, idx, emb, frames, cache)
                 else:
-                    points_orig = torch.cat([torch.as_tensor(p, dtype=torch.float32).reshape(-1, 8, 2) for p in points])
+                    given_pts = [torch.as_tensor(p, dtype=torch.float32).reshape(-1, 8, 2) for p in points]
+                    points_orig = torch.cat(given_pts)
                     point_scores = torch.ones(points_orig.shape[:2])
                 label = 1 if prompts == "points" else self.edge_label
                 pts = self._to_frame(points_orig, idx, frames, self.sam_cfg).to(dev)
-                points = (pts, torch.full(pts.shape[:2], label, dtype=torch.int64, device=dev))
+                point_prompt = (pts, torch.full(pts.shape[:2], label, dtype=torch.int64, device=dev))
                 t["keypoints"] += _ms(t0)
             if prompts == "box":
                 final = coarse
@@ -209,7 +210,7 @@ class CurriculumPipeline:
                 final, iou = self.engine.decode(
                     "refine",
                     inst_emb,
-                    points=points,
+                    points=point_prompt,
                     boxes=sam_boxes if prompts in ("box+points", "box+mask") else None,
                     mask_input=coarse,
                 )

@@ -123,3 +123,13 @@ def test_given_boxes_replace_the_detector(tiny_bundle, engine):
     np.testing.assert_allclose(res.boxes, [[10, 20, 60, 70]])
     (empty,) = CurriculumPipeline(tiny_bundle, engine).predict([img], boxes=[np.zeros((0, 4))])
     assert empty.mask.shape == img.shape[:2] and not empty.mask.any()
+
+
+def test_given_points_replace_the_keypoint_net(tiny_bundle, engine):
+    img = _images()[0]
+    pts = np.array([[[20 + i, 30 + i] for i in range(8)]], np.float32)
+    pipe = CurriculumPipeline(tiny_bundle, engine)
+    (res,) = pipe.predict([img], boxes=[np.array([[10, 20, 60, 70]])], points=[pts])
+    np.testing.assert_allclose(res.points, pts)
+    (own,) = pipe.predict([img], boxes=[np.array([[10, 20, 60, 70]])])
+    assert not np.allclose(own.points, pts)
