@@ -19,7 +19,9 @@ from cp_train.data import EmbeddingCache, carve_validation, load_samples, read_s
 from cp_train.evaluate import evaluate
 from cp_train.trainers.loop import LoopConfig, fit
 
-STAGES = ("detector", "sam-box", "keypoints", "sam-refine")
+# sam-refine trains on GT edge points, so it comes before the keypoint net, whose validation
+# mDice then runs through the trained refine head.
+STAGES = ("detector", "sam-box", "sam-refine", "keypoints")
 
 
 def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
@@ -143,14 +145,15 @@ def tune_detection(spec, models, net, val, val_emb, work: Path) -> dict:
 
     models.detector = net.eval()
     best, rows = None, []
-    for min_inst in (0, 1):
-        for thr in (0.2, 0.3, 0.4, 0.5):
-            spec.prompt = dataclasses.replace(spec.prompt, score_threshold=thr, min_instances=min_inst)
-            r = evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"))
-            rows.append({"score_threshold": thr, "min_instances": min_inst, **r})
-            print(f"[detector] val: threshold {thr} min_instances {min_inst}: mDice {r['mDice']:.4f}", flush=True)
-            if best is None or r["mDice"] > best[1]:
-                best = ({"score_threshold": thr, "min_instances": min_inst}, r["mDice"])
+    grid = [{"score_threshold": t, "min_instances": m, "max_instances": k}
+            for k in (1, 5) for m in (0, 1) for t in (0.2, 0.3, 0.4)]
+    for g in grid:
+        spec.prompt = dataclasses.replace(spec.prompt, **g)
+        r = evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"))
+        rows.append({**g, **r})
+        print(f"[detector] val {g}: mDice {r['mDice']:.4f}", flush=True)
+        if best is None or r["mDice"] > best[1]:
+            best = (g, r["mDice"])
     (work / "detector" / "tuning.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return best[0]
 
