@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from cp_deploy.bundle import BUNDLE_FILE, Bundle
@@ -43,7 +44,8 @@ def derive_bundle(base: Bundle, out: str | Path, replace: dict[str, tuple[dict |
         _copy(base.root / sam["checkpoint"], out)
     spec.setdefault("metadata", {}).update(metadata or {})
     spec.setdefault("prompt", {}).update(prompt or {})
-    return write_bundle(out, spec, {k: v[1] for k, v in replace.items()})
+    # fp16 storage halves the bundle; the networks run in the engine's own precision.
+    return write_bundle(out, spec, {k: v[1] for k, v in replace.items()}, weight_dtype=torch.float16)
 
 
 def _copy(src: Path, out_dir: Path) -> None:

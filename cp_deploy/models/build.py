@@ -59,12 +59,13 @@ def write_bundle(
     out: str | Path,
     spec: dict,
     weights: dict[str, nn.Module | dict | None],
+    weight_dtype: torch.dtype | None = None,
 ) -> Bundle:
     """Write ``spec`` (a bundle.json without file entries) plus the given weights, then reload it.
 
     ``weights`` maps ``sam``, ``box``, ``refine``, ``detector`` and ``keypoints`` to a module or
     state dict to save as safetensors, or to ``None`` to keep what ``spec`` says (for example the
-    base SAM's own heads, or a checkpoint path).
+    base SAM's own heads, or a checkpoint path). ``weight_dtype`` is the storage precision.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def write_bundle(
         if obj is None:
             continue
         fname = f"{key}.safetensors"
-        sha = save_state_dict(obj, out / fname)
+        sha = save_state_dict(obj, out / fname, dtype=weight_dtype)
         if key == "sam":
             spec["sam"].update({"checkpoint": fname, "sha256": sha})
         elif key in ("box", "refine"):

@@ -62,10 +62,17 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
     module.load_state_dict(state, strict=True)
 
 
-def save_state_dict(module_or_state: nn.Module | dict, path: str | Path) -> str:
-    """Write contiguous tensors as safetensors (atomically) and return the file's sha256."""
+def save_state_dict(module_or_state: nn.Module | dict, path: str | Path, dtype: torch.dtype | None = None) -> str:
+    """Write contiguous tensors as safetensors (atomically) and return the file's sha256.
+
+    ``dtype`` (e.g. ``torch.float16``) casts floating tensors to halve the file; loading casts
+    them back to the module's own precision.
+    """
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.contiguous() for k, v in state.items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp))
