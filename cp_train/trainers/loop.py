@@ -55,8 +55,9 @@ def fit(
         sched.load_state_dict(ck["scheduler"])
         start, best = ck["epoch"] + 1, ck["best"]
         print(f"[{name}] resuming after epoch {ck['epoch'] + 1}/{cfg.epochs} (best mDice {best:.4f})")
-    elif log.exists():
-        log.unlink()
+    else:  # a fresh run: forget an earlier run's log and checkpoints in the same folder
+        for stale in (log, last, best_path):
+            stale.unlink(missing_ok=True)
     torch.manual_seed(cfg.seed + start)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
