@@ -35,7 +35,8 @@ def image_to_heatmap(xy: torch.Tensor, crops: torch.Tensor, heatmap_size: int) -
 
 
 def decode_heatmaps(heatmaps: torch.Tensor, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NxPxHxW logits -> (NxPx2 points in input pixels, NxP confidences in [0, 1]).
+    """NxPxHxW logits (a spatial softmax per map) -> (NxPx2 points in input pixels, NxP peak
+    probabilities).
 
     Sub-pixel refinement fits a parabola through the peak and its two neighbours on each axis.
     """
@@ -60,7 +61,7 @@ def decode_heatmaps(heatmaps: torch.Tensor, crops: torch.Tensor) -> tuple[torch.
     dx = refine(conf, at(0, -1), at(0, 1))
     dy = refine(conf, at(-1, 0), at(1, 0))
     xy = torch.stack([xs.float() + dx, ys.float() + dy], dim=2)
-    return heatmap_to_image(xy, crops, w), torch.sigmoid(conf)
+    return heatmap_to_image(xy, crops, w), torch.softmax(flat, dim=2).amax(dim=2)
 
 
 class EmbeddingKeypointNet(nn.Module):

@@ -89,7 +89,7 @@ def make_sam_epoch(
 
 def make_keypoint_epoch(targets: InstanceTargets, embeddings: torch.Tensor, batch_size: int, seed: int,
                         margin: float, sigma: float = 1.5, box_jitter: float = 0.1):
-    """Heatmap regression on RoIAlign crops of the embedding around jittered GT boxes."""
+    """Heatmaps on RoIAlign crops of the embedding around jittered GT boxes."""
 
     def train_epoch(net, opt, epoch: int) -> float:
         rng = np.random.default_rng(seed + epoch)
@@ -108,9 +108,11 @@ def make_keypoint_epoch(targets: InstanceTargets, embeddings: torch.Tensor, batc
             gt = image_to_heatmap(_to_input(targets, idx, targets.points[idx], boxes=False), crops, hs)
             yy, xx = torch.meshgrid(torch.arange(hs).float(), torch.arange(hs).float(), indexing="ij")
             d2 = (xx - gt[..., 0, None, None]) ** 2 + (yy - gt[..., 1, None, None]) ** 2
-            target = torch.exp(-d2 / (2 * sigma**2))
-            weight = 1 + 10 * target  # the peak is a few pixels of a 32x32 map
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(heat, target, weight=weight)
+            # Spatial cross-entropy against a normalised Gaussian: every map must commit to one
+            # peak (a per-pixel loss lets the sparse peaks drown in background).
+            target = torch.exp(-d2 / (2 * sigma**2)).flatten(2)
+            target = target / target.sum(-1, keepdim=True).clamp(min=1e-8)
+            loss = -(target * torch.log_softmax(heat.flatten(2), -1)).sum(-1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
