@@ -10,6 +10,7 @@ from cp_deploy.preprocess import Frame, PreprocessConfig, preprocess_image
 from cp_train.data import Sample, augment
 from cp_train.losses import centernet_focal
 from cp_train.targets import mask_instances
+from cp_train.trainers.loop import shuffled_epoch
 
 
 def centernet_targets(boxes: np.ndarray, grid: int, stride: float) -> dict[str, torch.Tensor]:
@@ -83,16 +84,10 @@ def make_train_epoch(n: int, batch_fn, batch_size: int, seed: int):
     """One epoch over ``n`` samples; ``batch_fn(indices, rng)`` gives (inputs, targets)."""
 
     def train_epoch(model, opt, epoch: int) -> float:
-        rng = np.random.default_rng(seed + epoch)
-        order = rng.permutation(n)
-        losses = []
-        for i in range(0, len(order), batch_size):
-            x, t = batch_fn(order[i : i + batch_size], rng)
-            loss = detector_loss(model(x), t)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return float(np.mean(losses))
+        def loss_fn(idx, rng):
+            x, t = batch_fn(idx, rng)
+            return detector_loss(model(x), t)
+
+        return shuffled_epoch(n, batch_size, seed, epoch, opt, loss_fn)
 
     return train_epoch

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,6 +83,24 @@ def fit(
     if best_path.is_file():
         best_state = torch.load(best_path, weights_only=False)["model"]
     return best_state if best_state is not None else model.state_dict()
+
+
+def shuffled_epoch(
+    n: int, batch_size: int, seed: int, epoch: int, opt: torch.optim.Optimizer,
+    loss_fn: Callable[[np.ndarray, np.random.Generator], torch.Tensor],
+) -> float:
+    """One pass over ``n`` items in a seeded random order: ``loss_fn(indices, rng)`` gives each
+    batch's loss, which is back-propagated and stepped. Returns the mean loss."""
+    rng = np.random.default_rng(seed + epoch)
+    order = rng.permutation(n)
+    losses = []
+    for i in range(0, n, batch_size):
+        loss = loss_fn(order[i : i + batch_size], rng)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return float(np.mean(losses))
 
 
 def _atomic_save(obj: dict, path: Path) -> None:

@@ -14,6 +14,7 @@ from cp_deploy.preprocess import Frame
 from cp_train.data import Sample, jitter_boxes, lowres_target
 from cp_train.losses import dice_bce
 from cp_train.targets import mask_instances
+from cp_train.trainers.loop import shuffled_epoch
 
 
 @dataclass
@@ -60,29 +61,22 @@ def make_sam_epoch(
     """One epoch over instances in batches of ``batch_size`` (the paper's batch 4)."""
 
     def train_epoch(head: PromptHead, opt, epoch: int) -> float:
-        rng = np.random.default_rng(seed + epoch)
-        order = rng.permutation(len(targets.image))
-        losses = []
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            emb = embeddings[[targets.image[j] for j in idx]].float()
-            boxes = _to_input(targets, idx, jitter_boxes(targets.boxes[idx], rng, box_jitter), boxes=True)
-            if stage == "box":
-                logits, _ = head(emb, boxes=boxes)
-            else:
-                with torch.no_grad():
-                    coarse, _ = box_head(emb, boxes=boxes)
-                wh = np.maximum(targets.boxes[idx, 2:] - targets.boxes[idx, :2], 1.0)[:, None, :]
-                pts = targets.points[idx] + rng.normal(0, point_jitter, targets.points[idx].shape) * wh
-                pts = _to_input(targets, idx, pts, boxes=False)
-                labels = torch.full(pts.shape[:2], edge_label, dtype=torch.int64)
-                logits, _ = head(emb, points=(pts, labels), mask_input=coarse)
-            loss = dice_bce(logits[:, 0], targets.masks[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return float(np.mean(losses))
+        return shuffled_epoch(len(targets.image), batch_size, seed, epoch, opt, lambda idx, rng: step(head, idx, rng))
+
+    def step(head: PromptHead, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        emb = embeddings[[targets.image[j] for j in idx]].float()
+        boxes = _to_input(targets, idx, jitter_boxes(targets.boxes[idx], rng, box_jitter), boxes=True)
+        if stage == "box":
+            logits, _ = head(emb, boxes=boxes)
+        else:
+            with torch.no_grad():
+                coarse, _ = box_head(emb, boxes=boxes)
+            wh = np.maximum(targets.boxes[idx, 2:] - targets.boxes[idx, :2], 1.0)[:, None, :]
+            pts = targets.points[idx] + rng.normal(0, point_jitter, targets.points[idx].shape) * wh
+            pts = _to_input(targets, idx, pts, boxes=False)
+            labels = torch.full(pts.shape[:2], edge_label, dtype=torch.int64)
+            logits, _ = head(emb, points=(pts, labels), mask_input=coarse)
+        return dice_bce(logits[:, 0], targets.masks[idx])
 
     return train_epoch
 
@@ -92,31 +86,24 @@ def make_keypoint_epoch(targets: InstanceTargets, embeddings: torch.Tensor, batc
     """Heatmaps on RoIAlign crops of the embedding around jittered GT boxes."""
 
     def train_epoch(net, opt, epoch: int) -> float:
-        rng = np.random.default_rng(seed + epoch)
-        order = rng.permutation(len(targets.image))
-        losses = []
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            imgs = sorted(set(targets.image[j] for j in idx))
-            local = {g: k for k, g in enumerate(imgs)}
-            feats = embeddings[imgs].float()
-            boxes = _to_input(targets, idx, jitter_boxes(targets.boxes[idx], rng, box_jitter), boxes=True)
-            crops = expand_boxes(boxes, margin)
-            rois = torch.cat([torch.tensor([[float(local[targets.image[j]])] for j in idx]), crops], 1)
-            heat = net(feats, rois)
-            hs = heat.shape[-1]
-            gt = image_to_heatmap(_to_input(targets, idx, targets.points[idx], boxes=False), crops, hs)
-            yy, xx = torch.meshgrid(torch.arange(hs).float(), torch.arange(hs).float(), indexing="ij")
-            d2 = (xx - gt[..., 0, None, None]) ** 2 + (yy - gt[..., 1, None, None]) ** 2
-            # Spatial cross-entropy against a normalised Gaussian: every map must commit to one
-            # peak (a per-pixel loss lets the sparse peaks drown in background).
-            target = torch.exp(-d2 / (2 * sigma**2)).flatten(2)
-            target = target / target.sum(-1, keepdim=True).clamp(min=1e-8)
-            loss = -(target * torch.log_softmax(heat.flatten(2), -1)).sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return float(np.mean(losses))
+        return shuffled_epoch(len(targets.image), batch_size, seed, epoch, opt, lambda idx, rng: step(net, idx, rng))
+
+    def step(net, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        imgs = sorted(set(targets.image[j] for j in idx))
+        local = {g: k for k, g in enumerate(imgs)}
+        feats = embeddings[imgs].float()
+        boxes = _to_input(targets, idx, jitter_boxes(targets.boxes[idx], rng, box_jitter), boxes=True)
+        crops = expand_boxes(boxes, margin)
+        rois = torch.cat([torch.tensor([[float(local[targets.image[j]])] for j in idx]), crops], 1)
+        heat = net(feats, rois)
+        hs = heat.shape[-1]
+        gt = image_to_heatmap(_to_input(targets, idx, targets.points[idx], boxes=False), crops, hs)
+        yy, xx = torch.meshgrid(torch.arange(hs).float(), torch.arange(hs).float(), indexing="ij")
+        d2 = (xx - gt[..., 0, None, None]) ** 2 + (yy - gt[..., 1, None, None]) ** 2
+        # Spatial cross-entropy against a normalised Gaussian: every map must commit to one
+        # peak (a per-pixel loss lets the sparse peaks drown in background).
+        target = torch.exp(-d2 / (2 * sigma**2)).flatten(2)
+        target = target / target.sum(-1, keepdim=True).clamp(min=1e-8)
+        return -(target * torch.log_softmax(heat.flatten(2), -1)).sum(-1).mean()
 
     return train_epoch
