@@ -30,5 +30,12 @@ class TorchEngine:
         return self.models.keypoints(features.to(self.device), rois.to(self.device))
 
     @torch.inference_mode()
-    def decode(self, head, embeddings, points=None, boxes=None, mask_input=None):
+    def decode(
+        self,
+        head: str,
+        embeddings: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self.models, head)(embeddings, points=points, boxes=boxes, mask_input=mask_input)

@@ -38,9 +38,6 @@ class EmbeddingCenterNet(nn.Module):
         f = self.trunk(x)
         return {"heatmap": self.heatmap(f), "size": self.size(f), "offset": self.offset(f)}
 
-    def decode(self, raw: dict[str, torch.Tensor], max_candidates: int = 50) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return decode_centernet(raw, self.stride, max_candidates)
-
 
 def decode_centernet(
     raw: dict[str, torch.Tensor], stride: float, max_candidates: int = 50

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cp_deploy.models.detector import decode_centernet
 from cp_deploy.models.weights import WeightsError, load_strict, read_state_dict
 
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -27,8 +26,7 @@ def lite0_checkpoint() -> str:
 
 
 def _leaf(name: str) -> str:
-    leaf = name.rsplit(".", 1)[-1]
-    return {"running_mean": "running_mean", "running_var": "running_var"}.get(leaf, leaf)
+    return name.rsplit(".", 1)[-1]
 
 
 def map_lite0_state(package_state: dict[str, torch.Tensor], timm_state: dict[str, torch.Tensor]) -> dict:
@@ -94,6 +92,3 @@ class Lite0CenterNet(nn.Module):
             p = lat(f) + F.interpolate(p, size=f.shape[-2:], mode="nearest")
         p = self.smooth(p)
         return {"heatmap": self.heatmap(p), "size": self.size(p), "offset": self.offset(p)}
-
-    def decode(self, raw: dict[str, torch.Tensor], max_candidates: int = 50):
-        return decode_centernet(raw, self.stride, max_candidates)

@@ -81,7 +81,6 @@ class EmbeddingKeypointNet(nn.Module):
         self.crop_size = crop_size
         self.spatial_scale = spatial_scale
         self.margin = margin
-        self.heatmap_size = 2 * crop_size
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
