@@ -34,9 +34,9 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
     if args.max_images:
         train_names = train_names[: args.max_images]
     cfg = LoopConfig(epochs=args.epochs or DEFAULT_EPOCHS[stage], batch_size=args.batch_size or DEFAULT_BATCH[stage],
-                     lr=args.lr or DEFAULT_LR[stage], seed=args.seed, resume=args.resume, progress=not args.no_progress)
+                     lr=args.lr or DEFAULT_LR[stage], seed=args.seed, resume=args.resume)
     val = load_samples(args.data, val_names, progress=not args.no_progress)
-    cache = EmbeddingCache(args.cache_dir, base, lambda x: models.image_encoder(x))
+    cache = EmbeddingCache(args.cache_dir, base, models.image_encoder)
     with torch.no_grad():
         val_emb = cache.fill(val, progress=not args.no_progress)
     work = Path(args.work_dir or f"{args.out}-work")

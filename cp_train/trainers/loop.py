@@ -22,7 +22,6 @@ class LoopConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     resume: bool = False
-    progress: bool = True
 
 
 def fit(
