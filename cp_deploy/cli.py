@@ -7,10 +7,11 @@ import json
 import sys
 
 from cp_deploy.bundle import PROMPT_MODES, BundleError
+from cp_deploy.engines.manifest import EngineError
 from cp_deploy.io import InputError
 from cp_deploy.models.weights import WeightsError
 
-USER_ERRORS = (BundleError, InputError, WeightsError, NotImplementedError, FileNotFoundError)
+USER_ERRORS = (BundleError, EngineError, InputError, WeightsError, NotImplementedError, FileNotFoundError)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -24,7 +25,7 @@ def _batch(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle)
-    engine = create_engine(args.engine, bundle, device=args.device)
+    engine = create_engine(args.engine, bundle, device=args.device, graphs=args.graphs, threads=args.threads)
     options = PipelineOptions(
         prompts=args.prompts, edge_label=args.edge_label, mode=args.mode,
         score_threshold=args.score_threshold, max_instances=args.max_instances, min_instances=args.min_instances,
@@ -65,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", required=True, help="folder for masks/, overlays/ and results.jsonl")
     b.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped with the package)")
     b.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "trt"], help="inference engine")
-    b.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
+    b.add_argument("--graphs", default=None,
+                   help="folder of exported graphs for --engine onnxruntime|trt (default: BUNDLE/onnx or BUNDLE/trt)")
+    b.add_argument("--device", default="cpu", help="device: cpu, cuda or cuda:N (trt always runs on cuda)")
     b.add_argument("--batch-size", type=int, default=1, help="images per encoder call")
     b.add_argument("--prompts", default="curriculum", choices=PROMPT_MODES,
                    help="prompting scheme: the curriculum or one of the paper's ablations")
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overlays", action="store_true", help="also write overlays/*.jpg with contours, boxes and points")
     b.add_argument("--resume", action="store_true", help="skip images already done in --output")
     b.add_argument("--workers", type=int, default=2, help="image-decoding threads")
-    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    b.add_argument("--threads", type=int, default=0, help="CPU threads of torch or ONNX Runtime (0: their default)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_batch)
 
