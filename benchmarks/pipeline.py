@@ -1,13 +1,17 @@
-"""Throughput and per-stage latency of the curriculum pipeline against a naive reference.
+"""Throughput, latency, per-stage time and peak memory of the curriculum pipeline, and the naive
+reference in the same process.
 
-    python benchmarks/pipeline.py [--bundle B] [--images examples/images] [--repeat 3] [--device cpu]
+    python -m benchmarks.pipeline [--bundle B] [--engine torch|onnxruntime|trt] [--graphs DIR]
+        [--device cpu|cuda] [--batch-size N] [--images N] [--image-dir DIR] [--reference] [--json F]
 
-*Ours*: ``CurriculumPipeline.predict`` (one encoder pass per image, batched decoders).
-*Reference*: the paper-style loop on ``segment_anything.SamPredictor`` with the same weights:
-the same detector and keypoint net, then ``set_image`` and ``predict`` for the box pass, and
-``set_image`` again and ``predict`` for the points+mask pass, one instance at a time. (For a
-LiteMedSAM bundle SamPredictor applies SAM's mean/std instead of min-max scaling; that changes
-the values, not the cost.) Both run in the same process on the same images, after a warm-up.
+*Ours*: ``CurriculumPipeline.predict`` on batches of ``--batch-size`` decoded images (one
+encoder pass per image, one decoder call per pass for all instances of a batch), on the chosen
+engine. *Reference* (``--reference``): the paper-style loop on ``segment_anything.SamPredictor``
+with the same weights, fp32, batch 1: the same detector and keypoint net, then ``set_image`` and
+``predict`` for the box pass, and ``set_image`` again and ``predict`` for the points+mask pass, one
+instance at a time. (For a LiteMedSAM bundle SamPredictor applies SAM's mean/std instead of
+min-max scaling; that changes the values, not the cost.) Both run on the same images, after a
+warm-up. Output: a short table, and JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from cp_deploy.bundle import load_bundle
+from cp_deploy.engines import create_engine
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.io import discover_images, read_image
 from cp_deploy.pipeline import STAGES, CurriculumPipeline, PipelineOptions
@@ -46,63 +52,121 @@ def reference_curriculum(pipe: CurriculumPipeline, p_box: SamPredictor, p_ref: S
     return len(boxes)
 
 
-def main() -> None:
+def load_images(image_dir: str | None, n: int) -> list[np.ndarray]:
+    """``n`` RGB images: cycled from ``image_dir``, or synthetic when it is not given."""
+    if image_dir:
+        files = discover_images(image_dir)
+        pool = [to_rgb_uint8(read_image(Path(image_dir) / p)) for p in files[:n]]
+    else:
+        from export.parity import synthetic_images
+
+        pool = synthetic_images(min(n, 8))
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_ours(pipe: CurriculumPipeline, images: list[np.ndarray], batch_size: int, device: str) -> dict:
+    pipe.predict(images[:batch_size])  # warm-up (allocations, kernel choice)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    stage_ms = {s: [] for s in STAGES}
+    batch_ms, n_inst = [], 0
+    t_start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        t0 = time.perf_counter()
+        results = pipe.predict(images[i : i + batch_size])
+        _sync(device)
+        batch_ms.append((time.perf_counter() - t0) * 1000)
+        n_inst += sum(len(r.boxes) for r in results)
+        for s in STAGES:
+            stage_ms[s].append(results[0].timings_ms[s])
+    total = time.perf_counter() - t_start
+    return {
+        "images_per_s": round(len(images) / total, 3),
+        "ms_per_image": round(total * 1000 / len(images), 2),
+        "batch_latency_ms_p50": round(float(np.percentile(batch_ms, 50)), 2),
+        "batch_latency_ms_p95": round(float(np.percentile(batch_ms, 95)), 2),
+        "stage_ms_per_image": {s: round(float(np.mean(v)), 2) for s, v in stage_ms.items()},
+        "instances_per_image": round(n_inst / len(images), 2),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+    }
+
+
+def run_reference(pipe: CurriculumPipeline, models, images: list[np.ndarray], device: str) -> dict:
+    sam_box = Sam(models.image_encoder, models.box.prompt_encoder, models.box.mask_decoder).eval()
+    sam_ref = Sam(models.image_encoder, models.refine.prompt_encoder, models.refine.mask_decoder).eval()
+    p_box, p_ref = SamPredictor(sam_box), SamPredictor(sam_ref)
+    lat = []
+    with torch.inference_mode():
+        reference_curriculum(pipe, p_box, p_ref, images[0])  # warm-up
+        t_start = time.perf_counter()
+        for im in images:
+            t0 = time.perf_counter()
+            reference_curriculum(pipe, p_box, p_ref, im)
+            _sync(device)
+            lat.append((time.perf_counter() - t0) * 1000)
+        total = time.perf_counter() - t_start
+    return {"images_per_s": round(len(images) / total, 3), "ms_per_image": round(total * 1000 / len(images), 2),
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 2),
+            "latency_ms_p95": round(float(np.percentile(lat, 95)), 2)}
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default=None, help="bundle directory (default: the shipped one)")
-    ap.add_argument("--images", default="examples/images", help="folder of images")
-    ap.add_argument("--repeat", type=int, default=3, help="passes over the images")
-    ap.add_argument("--device", default="cpu", help="torch device")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "trt"], help="engine to time")
+    ap.add_argument("--graphs", default=None, help="exported graphs for onnxruntime/trt (default BUNDLE/onnx|trt)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
+    ap.add_argument("--images", type=int, default=15, help="images to time (cycled from --image-dir)")
+    ap.add_argument("--image-dir", default="examples/images", help="folder of images ('' for synthetic ones)")
+    ap.add_argument("--reference", action="store_true", help="also time the SamPredictor reference, same images")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads of torch / ONNX Runtime (0: default)")
     ap.add_argument("--json", default=None, help="write the numbers here too")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle)
-    engine = TorchEngine(bundle, device=args.device)
+    engine = create_engine(args.engine, bundle, device=args.device, graphs=args.graphs, threads=args.threads)
     pipe = CurriculumPipeline(bundle, engine, PipelineOptions(prompts="curriculum"))
-    images = [to_rgb_uint8(read_image(Path(args.images) / p)) for p in discover_images(args.images)]
-    pipe.predict(images[:1])  # warm-up
-
-    stage_ms = {s: [] for s in STAGES}
-    t0 = time.perf_counter()
-    n_inst = 0
-    for _ in range(args.repeat):
-        for im in images:
-            (r,) = pipe.predict([im])
-            n_inst += len(r.boxes)
-            for s in STAGES:
-                stage_ms[s].append(r.timings_ms[s])
-    ours_s = (time.perf_counter() - t0) / (args.repeat * len(images))
-
-    m = engine.models
-    sam_box = Sam(m.image_encoder, m.box.prompt_encoder, m.box.mask_decoder).eval()
-    sam_ref = Sam(m.image_encoder, m.refine.prompt_encoder, m.refine.mask_decoder).eval()
-    p_box, p_ref = SamPredictor(sam_box), SamPredictor(sam_ref)
-    with torch.inference_mode():
-        reference_curriculum(pipe, p_box, p_ref, images[0])  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(args.repeat):
-            for im in images:
-                reference_curriculum(pipe, p_box, p_ref, im)
-        ref_s = (time.perf_counter() - t0) / (args.repeat * len(images))
+    images = load_images(args.image_dir, args.images)
+    ours = run_ours(pipe, images, args.batch_size, args.device)
     result = {
-        "device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
-                                                             f"{torch.get_num_threads()} threads)",
-        "bundle": str(bundle.root), "images": len(images), "repeat": args.repeat,
-        "instances_per_image": n_inst / (args.repeat * len(images)),
-        "stage_ms": {s: round(float(np.mean(v)), 2) for s, v in stage_ms.items()},
-        "ours_ms_per_image": round(ours_s * 1000, 1), "ours_images_per_s": round(1 / ours_s, 3),
-        "reference_ms_per_image": round(ref_s * 1000, 1), "reference_images_per_s": round(1 / ref_s, 3),
-        "speedup": round(ref_s / ours_s, 2),
+        "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "engine": args.engine, "bundle": str(bundle.root), "sam": bundle.sam_arch, "batch_size": args.batch_size,
+        "images": len(images), "image_dir": args.image_dir or "synthetic", "ours": ours,
     }
+    if args.reference:
+        torch_engine = engine if isinstance(engine, TorchEngine) else TorchEngine(bundle, device=args.device)
+        ref_pipe = CurriculumPipeline(bundle, torch_engine, PipelineOptions(prompts="curriculum"))
+        result["reference"] = run_reference(ref_pipe, torch_engine.models, images, args.device)
+        result["speedup"] = round(ours["images_per_s"] / result["reference"]["images_per_s"], 2)
+    print(f"{result['engine']} on {result['device']}, {bundle.sam_arch}, batch {args.batch_size}, "
+          f"{len(images)} images")
     print("| stage | ms per image |\n| --- | --- |")
-    for s, v in result["stage_ms"].items():
+    for s, v in ours["stage_ms_per_image"].items():
         print(f"| {s} | {v} |")
-    print(f"\nours: {result['ours_ms_per_image']} ms/image ({result['ours_images_per_s']} images/s); "
-          f"reference (SamPredictor, set_image per pass): {result['reference_ms_per_image']} ms/image; "
-          f"speed-up {result['speedup']}x; {result['instances_per_image']:.2f} instances/image")
+    print(f"ours: {ours['images_per_s']} images/s ({ours['ms_per_image']} ms/image), batch latency p50 "
+          f"{ours['batch_latency_ms_p50']} ms / p95 {ours['batch_latency_ms_p95']} ms, peak memory "
+          f"{ours['peak_memory_mb']} MiB, {ours['instances_per_image']} instances/image")
+    if args.reference:
+        r = result["reference"]
+        print(f"reference (SamPredictor, fp32, batch 1, set_image per pass): {r['images_per_s']} images/s "
+              f"({r['ms_per_image']} ms/image); ours / reference = {result['speedup']}x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":

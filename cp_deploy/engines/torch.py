@@ -38,4 +38,9 @@ class TorchEngine:
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self.models, head)(embeddings, points=points, boxes=boxes, mask_input=mask_input)
+        dev = self.device
+        points = None if points is None else (points[0].to(dev), points[1].to(dev))
+        return getattr(self.models, head)(
+            embeddings.to(dev), points=points, boxes=None if boxes is None else boxes.to(dev),
+            mask_input=None if mask_input is None else mask_input.to(dev),
+        )

@@ -104,8 +104,9 @@ def init_bundle(
 ) -> Bundle:
     """A bundle with seeded random detector and keypoint heads on the embedding.
 
-    The SAM weights come from ``sam_checkpoint`` (or LiteMedSAM's package); for ``tiny`` they are
-    seeded random too and saved into the bundle. The box and refine heads start as the base
+    The SAM weights come from ``sam_checkpoint`` (or LiteMedSAM's package); without a checkpoint
+    a vit_h/l/b/tiny SAM is seeded random too and saved into the bundle (speed does not depend on
+    the values). The box and refine heads start as the base
     SAM's own prompt encoder and mask decoder.
     """
     torch.manual_seed(seed)
@@ -114,8 +115,8 @@ def init_bundle(
     stride = pre.image_size // side
     weights: dict = {}
     sam_entry: dict = {"arch": sam_arch, "checkpoint": sam_checkpoint}
-    if sam_arch == "tiny" and sam_checkpoint is None:
-        weights["sam"] = build_sam("tiny")
+    if sam_arch != "lite_medsam" and sam_checkpoint is None:  # seeded random SAM (tests, speed checks)
+        weights["sam"] = build_sam(sam_arch)
     det_cfg = {"in_channels": channels, "hidden": 64, "stride": stride}
     detector = build_detector("embedding_centernet", det_cfg)
     kp_cfg = {"in_channels": channels, "hidden": 64, "crop_size": 16, "spatial_scale": 1.0 / stride, "margin": 0.15}
