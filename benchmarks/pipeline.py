@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--graphs", default=None, help="exported graphs for onnxruntime/trt (default BUNDLE/onnx|trt)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="torch engine precision")
+    ap.add_argument("--compile", action="store_true", help="torch engine: torch.compile the encoder")
     ap.add_argument("--images", type=int, default=15, help="images to time (cycled from --image-dir)")
     ap.add_argument("--image-dir", default="examples/images", help="folder of images ('' for synthetic ones)")
     ap.add_argument("--reference", action="store_true", help="also time the SamPredictor reference, same images")
@@ -137,20 +139,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle)
-    engine = create_engine(args.engine, bundle, device=args.device, graphs=args.graphs, threads=args.threads)
+    engine = create_engine(args.engine, bundle, device=args.device, graphs=args.graphs, threads=args.threads,
+                           precision=args.precision, compile=args.compile)
     pipe = CurriculumPipeline(bundle, engine, PipelineOptions(prompts="curriculum"))
     images = load_images(args.image_dir, args.images)
     ours = run_ours(pipe, images, args.batch_size, args.device)
     result = {
         "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
                    else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-        "engine": args.engine, "bundle": str(bundle.root), "sam": bundle.sam_arch, "batch_size": args.batch_size,
+        "engine": args.engine, "precision": args.precision, "compile": args.compile, "bundle": str(bundle.root),
+        "sam": bundle.sam_arch, "batch_size": args.batch_size,
         "images": len(images), "image_dir": args.image_dir or "synthetic", "ours": ours,
     }
     if args.reference:
-        torch_engine = engine if isinstance(engine, TorchEngine) else TorchEngine(bundle, device=args.device)
-        ref_pipe = CurriculumPipeline(bundle, torch_engine, PipelineOptions(prompts="curriculum"))
-        result["reference"] = run_reference(ref_pipe, torch_engine.models, images, args.device)
+        # segment-anything as shipped: fresh modules (the engine's attention is swapped for SDPA).
+        ref_engine = TorchEngine(bundle, device=args.device, sdpa=False)
+        ref_pipe = CurriculumPipeline(bundle, ref_engine, PipelineOptions(prompts="curriculum"))
+        result["reference"] = run_reference(ref_pipe, ref_engine.models, images, args.device)
         result["speedup"] = round(ours["images_per_s"] / result["reference"]["images_per_s"], 2)
     print(f"{result['engine']} on {result['device']}, {bundle.sam_arch}, batch {args.batch_size}, "
           f"{len(images)} images")

@@ -25,7 +25,8 @@ def _batch(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle)
-    engine = create_engine(args.engine, bundle, device=args.device, graphs=args.graphs, threads=args.threads)
+    engine = create_engine(args.engine, bundle, device=args.device, graphs=args.graphs, threads=args.threads,
+                           precision=args.precision, compile=args.compile)
     options = PipelineOptions(
         prompts=args.prompts, edge_label=args.edge_label, mode=args.mode,
         score_threshold=args.score_threshold, max_instances=args.max_instances, min_instances=args.min_instances,
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of exported graphs for --engine onnxruntime|trt (default: BUNDLE/onnx or BUNDLE/trt)")
     b.add_argument("--device", default="cpu", help="device: cpu, cuda or cuda:N (trt always runs on cuda)")
     b.add_argument("--batch-size", type=int, default=1, help="images per encoder call")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="torch engine: autocast precision (LayerNorm and softmax stay fp32); bf16 on recent GPUs")
+    b.add_argument("--compile", action="store_true", help="torch engine: torch.compile the image encoder")
     b.add_argument("--prompts", default="curriculum", choices=PROMPT_MODES,
                    help="prompting scheme: the curriculum or one of the paper's ablations")
     b.add_argument("--edge-label", default=None, choices=["negative", "positive"],

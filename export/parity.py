@@ -90,6 +90,9 @@ class RecordingEngine:
     def keypoints(self, features, rois):
         return self._call("keypoints", features, rois)
 
+    def join(self):
+        self.engine.join()
+
     def decode(self, head, embeddings, points=None, boxes=None, mask_input=None):
         return self._call("decode", head, embeddings, points=points, boxes=boxes, mask_input=mask_input)
 

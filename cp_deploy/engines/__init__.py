@@ -11,13 +11,14 @@ ENGINES = ("torch", "onnxruntime", "trt")
 
 
 def create_engine(name: str, bundle: Bundle, device: str = "cpu", graphs: str | Path | None = None,
-                  threads: int = 0) -> Engine:
+                  threads: int = 0, precision: str = "fp32", compile: bool = False) -> Engine:
     """The engine called ``name`` for ``bundle``. ``graphs`` is the folder of exported graphs
-    (default: ``BUNDLE/onnx`` or ``BUNDLE/trt``); optional engines name the extra they need."""
+    (default: ``BUNDLE/onnx`` or ``BUNDLE/trt``); ``precision`` and ``compile`` are the torch
+    engine's (exported graphs carry their own precision). Optional engines name their extra."""
     if name == "torch":
         from cp_deploy.engines.torch import TorchEngine
 
-        return TorchEngine(bundle, device=device)
+        return TorchEngine(bundle, device=device, precision=precision, compile=compile)
     if name == "onnxruntime":
         from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
 

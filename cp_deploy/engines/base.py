@@ -18,6 +18,10 @@ class Engine(Protocol):
     def detect(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """The detector's input (images or embeddings, as it reads) -> its raw output maps."""
 
+    def join(self) -> None:
+        """Make later work wait for outputs the engine queued on its own streams (a no-op for
+        engines that finish each call before returning)."""
+
     def keypoints(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """Features (images or embeddings) and Nx5 crops -> Nx8xHxW heatmap logits."""
 

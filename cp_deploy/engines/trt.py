@@ -100,6 +100,9 @@ class TensorRTEngine:
         heatmap, size, offset = self.run("detector", {name: inputs})
         return {"heatmap": heatmap, "size": size, "offset": offset}
 
+    def join(self) -> None:
+        """Every call has finished, or is ordered on the caller's stream, when it returns."""
+
     def keypoints(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         return self.run("keypoints", {"features": features, "rois": rois})[0]
 

@@ -63,3 +63,42 @@ def test_lite0_key_mapping_is_strict():
     reordered = {k: swapped[k] for k in [keys[1], keys[0], *keys[2:]]}
     with pytest.raises(WeightsError, match="mapping broke"):
         map_lite0_state(reordered, target)
+
+
+def test_sdpa_attention_equals_segment_anything_attention():
+    """Same parameters and state-dict keys; the rel-pos bias (made non-zero) as SDPA's mask."""
+    import copy
+
+    from cp_deploy.models.attention import use_sdpa_attention
+    from cp_deploy.models.sam import build_sam
+
+    torch.manual_seed(0)
+    enc = build_sam("tiny").image_encoder
+    for m in enc.modules():
+        if hasattr(m, "rel_pos_h"):
+            torch.nn.init.normal_(m.rel_pos_h, std=0.5)
+            torch.nn.init.normal_(m.rel_pos_w, std=0.5)
+    fast = copy.deepcopy(enc)
+    assert use_sdpa_attention(fast) == 2
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), enc(x), atol=1e-5, rtol=1e-5)
+    assert fast.state_dict().keys() == enc.state_dict().keys()
+
+
+def test_bf16_engine_agrees_with_fp32(tiny_bundle):
+    """Autocast bf16 (LayerNorm and softmax kept fp32 by autocast) against fp32, on the CPU."""
+    import numpy as np
+
+    from cp_deploy.engines.torch import TorchEngine
+    from cp_deploy.pipeline import CurriculumPipeline
+    from export.parity import synthetic_images
+
+    images = synthetic_images(3, seed=4)
+    ref = CurriculumPipeline(tiny_bundle, TorchEngine(tiny_bundle)).predict(images)
+    got = CurriculumPipeline(tiny_bundle, TorchEngine(tiny_bundle, precision="bf16")).predict(images)
+    for r, g in zip(ref, got):
+        if len(r.boxes) and len(g.boxes) == len(r.boxes):
+            scale = max(1.0, float(np.abs(r.low_res_logits).max()))
+            assert np.abs(g.low_res_logits - r.low_res_logits).max() < 0.1 * scale
+        assert (g.mask == r.mask).mean() > 0.97
