@@ -12,6 +12,7 @@ skips finished files without decoding them, and in a half-done file only the mis
 
 from __future__ import annotations
 
+import json
 import queue
 import sys
 import threading
@@ -334,7 +335,12 @@ def run_folder(
         journal.finalize()
     ok -= writer.demoted
     failed += writer.demoted + writer.file_failures
-    return RunSummary(ok + failed + skipped, ok, failed, skipped, time.perf_counter() - t_start, out)
+    summary = RunSummary(ok + failed + skipped, ok, failed, skipped, time.perf_counter() - t_start, out)
+    # For `cp-deploy report`: the wall-clock throughput is known only here.
+    run_info = {"ok": ok, "failed": failed, "skipped": skipped, "seconds": round(summary.seconds, 3),
+                "images_per_second": round(summary.images_per_second, 4), "batch_size": batch_size}
+    atomic_write_bytes(out / "run.json", json.dumps(run_info, indent=1).encode("utf-8"))
+    return summary
 
 
 def _frames_todo(rel: str, mask_rel: str, decoded: Decoded, decode_ms: float, journal: RunJournal,

@@ -114,7 +114,7 @@ def read_dicom(path: str | Path, options: ReadOptions | None = None) -> Decoded:
         raise InputError(f"{path}: cannot decode the pixel data (transfer syntax {getattr(ts, 'name', ts)}): "
                          f"{type(e).__name__}: {e}") from e
     frames = _frames(ds, arr)
-    info: dict = {"format": "dicom", "modality": str(ds.get("Modality", "")), "frames": len(frames)}
+    info: dict = {"format": "dicom", "modality": str(ds.get("Modality", ""))}
     if options.include_uids:
         info["uids"] = {
             "study": str(ds.get("StudyInstanceUID", "")),

@@ -82,7 +82,7 @@ def read_nifti(path: str | Path, options: ReadOptions | None = None) -> Decoded:
         # .nii.gz out, whatever came in: masks compress to almost nothing.
         return {"nifti": (".nii.gz", gzip.compress(out.to_bytes(), compresslevel=6))}
 
-    info = {"format": "nifti", "shape": list(shape), "frames": len(frames)}
+    info: dict = {"format": "nifti", "shape": list(shape)}
     if axis is not None:
         info["slice_axis"] = axis
     return Decoded(frames=frames, labels=labels, write_back=write_back, info=info)
