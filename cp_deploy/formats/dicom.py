@@ -61,8 +61,14 @@ def _grayscale(ds, arr: np.ndarray) -> np.ndarray:
     if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
         # The VOI output range is fixed by the LUT or the window (not the image's own min/max),
         # so map it, not the data, onto 0..255: a dark image stays dark, as in a viewer.
-        lo, hi = sorted(float(v) for v in apply_voi_lut(np.array([-(2**40), 2**40], np.float64), ds, index=0))
-        out = apply_voi_lut(out, ds, index=0).astype(np.float64)
+        if "VOILUTSequence" in ds:
+            lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+            voi_in = np.rint(out).astype(np.int64)  # a LUT is indexed by integer values
+        else:
+            probe = np.array([-(2.0**40), 2.0**40])  # beyond any window: gives its output range
+            lo, hi = sorted(float(v) for v in apply_voi_lut(probe, ds, index=0))
+            voi_in = out
+        out = apply_voi_lut(voi_in, ds, index=0).astype(np.float64)
         out = np.round((out - lo) * (255.0 / max(hi - lo, 1e-12))).clip(0, 255).astype(np.uint8)
         if ds.get("PhotometricInterpretation") == "MONOCHROME1":
             out = 255 - out
@@ -73,7 +79,7 @@ def _grayscale(ds, arr: np.ndarray) -> np.ndarray:
 
 
 def _frames(ds, arr: np.ndarray) -> list[np.ndarray]:
-    from pydicom.pixels import apply_color_lut, convert_color_space
+    from pydicom.pixels import apply_color_lut
 
     n = int(ds.get("NumberOfFrames", 1) or 1)
     spp = int(ds.get("SamplesPerPixel", 1))
@@ -84,9 +90,7 @@ def _frames(ds, arr: np.ndarray) -> list[np.ndarray]:
         return list(apply_color_lut(arr, ds))
     if spp == 1:
         return [_grayscale(ds, a) for a in arr]
-    if photometric.startswith("YBR") and photometric != "YBR_RCT" and photometric != "YBR_ICT":
-        # pydicom converts JPEG's YBR to RGB itself where the codec does; this covers the rest.
-        arr = convert_color_space(arr, photometric, "RGB")
+    # YBR_* needs nothing here: pydicom's pixel_array already returns RGB for it (as_rgb).
     return [np.ascontiguousarray(a) for a in arr]
 
 
