@@ -81,7 +81,7 @@ def ct_pixels(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
     return px.clip(0, 4095).astype(np.uint16)
 
 
-def enhanced_ct(path: Path, n: int = 3, h: int = 40, w: int = 48) -> Dataset:
+def enhanced_ct(path: Path, n: int = 2, h: int = 40, w: int = 48) -> Dataset:
     """An enhanced multi-frame CT (per-frame plane positions) converted from a made-up series."""
     first = make_dicom(None, ct_pixels(h, w), RescaleSlope=1, RescaleIntercept=-1024)
     series = []
@@ -279,7 +279,6 @@ def test_batch_dicom_folder_to_dicom_seg(tiny_bundle, tmp_path, capsys):
     nopix = make_dicom(None, ct_pixels())
     del nopix.PixelData
     nopix.save_as(inp / "nopix.dcm", enforce_file_format=True)
-    make_images(inp, 1)
 
     rc = main(["batch", "--input", str(inp), "--output", str(out), "--bundle", str(tiny_bundle.root),
                "--overlays", "--no-progress"])
@@ -287,8 +286,7 @@ def test_batch_dicom_folder_to_dicom_seg(tiny_bundle, tmp_path, capsys):
     assert rc == 1  # the file without pixel data
     rec = _lines(out)
     assert rec["nopix.dcm"]["status"] == "error" and "no pixel data" in rec["nopix.dcm"]["error"]
-    assert rec["img_000.png"]["status"] == "ok" and "outputs" not in rec["img_000.png"]
-    assert "7 ok, 1 failed" in printed.out  # ct, IM000002, photo, png, 3 enhanced frames
+    assert "5 ok, 1 failed" in printed.out  # ct, IM000002, photo, 2 enhanced frames
 
     for name, src in (("ct.dcm", ct), ("IM000002", extless), ("photo.dcm", sc)):
         r = rec[name]
@@ -311,15 +309,22 @@ def test_batch_dicom_folder_to_dicom_seg(tiny_bundle, tmp_path, capsys):
 
     # The enhanced multi-frame CT: one record per frame, one for the file, one SEG frame per frame.
     file_rec = rec["enhanced.dcm"]
-    assert file_rec["status"] == "ok" and file_rec["frames"] == 3
+    assert file_rec["status"] == "ok" and file_rec["frames"] == 2
     seg_path = out / file_rec["outputs"]["dicom_seg"]
     seg = hd.seg.segread(seg_path)
-    got = seg.get_pixels_by_source_frame(source_sop_instance_uid=enh.SOPInstanceUID, source_frame_numbers=[1, 2, 3])
+    got = seg.get_pixels_by_source_frame(source_sop_instance_uid=enh.SOPInstanceUID, source_frame_numbers=[1, 2])
     raw = pydicom.dcmread(seg_path).pixel_array
-    positions = [tuple(float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient)
-                 for f in seg.PerFrameFunctionalGroupsSequence]
-    assert positions == [(0.0, 0.0, 0.0), (0.0, 0.0, 2.0), (0.0, 0.0, 4.0)]
-    for i in range(3):
+    # Geometry: each SEG frame lies where the source frame it derives from lies.
+    def position(frame) -> tuple[float, ...]:
+        return tuple(float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient)
+
+    src_pos = [position(f) for f in enh.PerFrameFunctionalGroupsSequence]
+    assert sorted(src_pos) == [(0.0, 0.0, 0.0), (0.0, 0.0, 2.0)]
+    for f in seg.PerFrameFunctionalGroupsSequence:
+        ref = f.DerivationImageSequence[0].SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == enh.SOPInstanceUID
+        assert position(f) == src_pos[int(ref.ReferencedFrameNumber) - 1]
+    for i in range(2):
         frame = rec[f"enhanced.dcm#f{i + 1:03d}"]
         assert frame["source"] == "enhanced.dcm" and frame["mask"] == f"masks/enhanced_f{i + 1:03d}.png"
         png = _png(out / frame["mask"])
@@ -351,13 +356,13 @@ def test_include_uids_flag(tiny_bundle, tmp_path):
 def test_batch_nifti_volume_mask_and_resume(tiny_bundle, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
-    vol = np.zeros((40, 36, 4), np.int16)
-    for k in range(4):
-        cv2.circle(vol[:, :, k], (18, 20), 6 + 2 * k, 400, -1)
+    slices = [np.zeros((40, 36), np.int16) for _ in range(3)]
+    for k, sl in enumerate(slices):
+        cv2.circle(sl, (18, 20), 6 + 2 * k, 400, -1)
+    vol = np.stack(slices, axis=2)
     affine = np.array([[-0.8, 0, 0, 10], [0, 0.8, 0, -20], [0, 0, 3.0, 5], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(vol, affine), inp / "vol.nii.gz")
     nib.save(nib.Nifti1Image(vol[:, :, 1].astype(np.float32), affine), inp / "flat.nii")
-    make_images(inp, 1)
     engine = TorchEngine(tiny_bundle)
     pipe = CurriculumPipeline(tiny_bundle, engine)
     real_predict = pipe.predict
@@ -365,7 +370,7 @@ def test_batch_nifti_volume_mask_and_resume(tiny_bundle, tmp_path):
 
     def failing_third_slice(images, boxes=None):
         seen.append(len(images))
-        if len(seen) == 4:  # flat.nii, img_000.png, then vol z000, z001, z002: fail z001
+        if len(seen) == 3:  # flat.nii, then vol z000, z001, z002: fail z001
             raise RuntimeError("simulated engine failure")
         return real_predict(images, boxes)
 
@@ -373,14 +378,14 @@ def test_batch_nifti_volume_mask_and_resume(tiny_bundle, tmp_path):
     s1 = run_folder(pipe, inp, out, progress=False)
     rec = _lines(out)
     assert rec["vol.nii.gz#z001"]["status"] == "error" and rec["vol.nii.gz"]["status"] == "error"
-    assert "1 of 4 frames failed" in rec["vol.nii.gz"]["error"] and not (out / "masks/vol.nii.gz").exists()
-    assert s1.failed == 1 and s1.ok == 5
+    assert "1 of 3 frames failed" in rec["vol.nii.gz"]["error"] and not (out / "masks/vol.nii.gz").exists()
+    assert s1.failed == 1 and s1.ok == 3
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "masks").glob("vol_z*.png")}
 
     seen.clear()
     pipe.predict = lambda images, boxes=None: (seen.append(len(images)), real_predict(images, boxes))[1]
     s2 = run_folder(pipe, inp, out, progress=False, resume=True)
-    assert seen == [1] and s2.ok == 1 and s2.skipped == 5 and s2.failed == 0  # only z001 redone
+    assert seen == [1] and s2.ok == 1 and s2.skipped == 3 and s2.failed == 0  # only z001 redone
     for name, t in mtimes.items():
         assert (out / "masks" / name).stat().st_mtime_ns == t
     rec = _lines(out)
@@ -389,7 +394,7 @@ def test_batch_nifti_volume_mask_and_resume(tiny_bundle, tmp_path):
     assert mask_img.shape == vol.shape and np.allclose(mask_img.affine, affine)
     mask_vol = np.asanyarray(mask_img.dataobj)
     assert mask_vol.dtype == np.uint8 and set(np.unique(mask_vol)) <= {0, 1}
-    for k in range(4):
+    for k in range(3):
         png = _png(out / rec[f"vol.nii.gz#z{k:03d}"]["mask"])
         np.testing.assert_array_equal(mask_vol[:, :, k].astype(bool), image_to_slice(png))
     flat = nib.load(out / rec["flat.nii"]["outputs"]["nifti"])
@@ -401,7 +406,7 @@ def test_batch_nifti_volume_mask_and_resume(tiny_bundle, tmp_path):
     (out / "masks/vol.nii.gz").unlink()
     seen.clear()
     s3 = run_folder(pipe, inp, out, progress=False, resume=True)
-    assert seen == [] and s3.skipped == 6 and (out / "masks/vol.nii.gz").is_file()
+    assert seen == [] and s3.skipped == 4 and (out / "masks/vol.nii.gz").is_file()
     assert np.array_equal(np.asanyarray(nib.load(out / "masks/vol.nii.gz").dataobj), mask_vol)
 
 
