@@ -24,8 +24,15 @@ from cp_deploy.io import RESULTS_FILE, RunJournal, atomic_write_bytes
 
 RUN_FILE = "run.json"
 STAGE_ORDER = ("decode", "preprocess", "encode", "detect", "box", "keypoints", "refine", "postprocess", "write")
-LEGEND = (("#00ff00", "final contour"), ("#ffa000", "coarse contour"), ("#ffd700", "box and score"),
-          ("#ff2828", "edge points"))
+
+def _legend() -> list[tuple[str, str]]:
+    """The overlay colours, from the module that draws them."""
+    from cp_deploy.visualize import BOX, COARSE, FINAL, POINT
+
+    hexa = "#{:02x}{:02x}{:02x}".format
+    return [(hexa(*FINAL), "final contour"), (hexa(*COARSE), "coarse contour"), (hexa(*BOX), "box and score"),
+            (hexa(*POINT), "edge points")]
+
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#1d232a;background:#f6f7f9}
@@ -170,7 +177,7 @@ def build_report(run_dir: str | Path, gt_dir: str | Path | None = None, max_gall
     shown = gallery[:max_gallery]
     parts.append(f"<h2>Gallery{' (worst Dice first)' if dice else ''}</h2>")
     parts.append('<p class="muted">' + "".join(f'<span class="key" style="background:{c}"></span>{html.escape(t)}'
-                                             for c, t in LEGEND) + "</p>")
+                                             for c, t in _legend()) + "</p>")
     if len(gallery) > len(shown):
         parts.append(f'<p class="muted">showing {len(shown)} of {len(gallery)} images (--max-images)</p>')
     if shown and not any("overlay" in r for r in shown):
