@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cp_deploy.formats.base import EXTRA_HINT, Decoded, MissingExtraError, ReadOptions
 from cp_deploy.io import InputError
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 EXTRA = "dicom"
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -30,7 +34,7 @@ def _import_pydicom():
     return pydicom
 
 
-def _check_decoder(path: Path, ds) -> None:
+def _check_decoder(path: Path, ds: Dataset) -> None:
     """Fail early, with the syntax and the fix, when no installed handler decodes the pixels."""
     from pydicom.pixels.decoders.base import get_decoder
 
@@ -53,7 +57,7 @@ def _check_decoder(path: Path, ds) -> None:
         )
 
 
-def _grayscale(ds, arr: np.ndarray) -> np.ndarray:
+def _grayscale(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     """Stored values -> display values: Modality LUT, VOI (mapped to uint8), MONOCHROME1 inverted."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -78,7 +82,7 @@ def _grayscale(ds, arr: np.ndarray) -> np.ndarray:
     return out
 
 
-def _frames(ds, arr: np.ndarray) -> list[np.ndarray]:
+def _frames(ds: Dataset, arr: np.ndarray) -> list[np.ndarray]:
     from pydicom.pixels import apply_color_lut
 
     n = int(ds.get("NumberOfFrames", 1) or 1)
@@ -135,7 +139,7 @@ def read_dicom(path: str | Path, options: ReadOptions | None = None) -> Decoded:
     return Decoded(frames=frames, write_back=None if reason else write_back, info=info)
 
 
-def seg_unsupported_reason(ds, n_frames: int) -> str | None:
+def seg_unsupported_reason(ds: Dataset, n_frames: int) -> str | None:
     """Why no DICOM-SEG can reference this source, or None.
 
     A SEG frame must sit on a source frame's plane; a multi-frame source gives one plane per
@@ -160,7 +164,7 @@ def seg_unsupported_reason(ds, n_frames: int) -> str | None:
     return None
 
 
-def segmentation_bytes(source, masks: list[np.ndarray], label: str = "curriculum-prompting") -> bytes:
+def segmentation_bytes(source: Dataset, masks: list[np.ndarray], label: str = "curriculum-prompting") -> bytes:
     """A binary DICOM-SEG (one segment, one frame per source frame) for ``source``'s frames."""
     try:
         import highdicom as hd

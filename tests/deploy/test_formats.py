@@ -201,6 +201,9 @@ def test_no_pixel_data_is_a_clear_error(tmp_path):
     ds.save_as(tmp_path / "nopix.dcm", enforce_file_format=True)
     with pytest.raises(InputError, match=r"nopix\.dcm: the DICOM file has no pixel data"):
         read_input(tmp_path / "nopix.dcm")
+    (tmp_path / "junk.dcm").write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match=r"junk\.dcm: not a readable DICOM file"):
+        read_input(tmp_path / "junk.dcm")
 
 
 def test_multiframe_gives_one_image_per_frame(tmp_path):
