@@ -1,4 +1,4 @@
-"""``cp-deploy batch | eval``: thin argument parsing over the same functions a Python user calls."""
+"""``cp-deploy batch | eval | report``: thin argument parsing over the same functions a Python user calls."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def _batch(args: argparse.Namespace) -> int:
     from cp_deploy.bundle import load_bundle
     from cp_deploy.engines import create_engine
     from cp_deploy.executors.local import run_folder
+    from cp_deploy.formats import ReadOptions
     from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 
     if args.threads:
@@ -35,6 +36,7 @@ def _batch(args: argparse.Namespace) -> int:
     summary = run_folder(
         pipeline, args.input, args.output, batch_size=args.batch_size, overlays=args.overlays,
         resume=args.resume, workers=args.workers, progress=not args.no_progress,
+        read_options=ReadOptions(slice_axis=args.slice_axis, include_uids=args.include_uids),
     )
     print(f"cp-deploy: {summary.line()}")
     return 1 if summary.failed else 0
@@ -57,12 +59,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from cp_deploy.report import write_report
+
+    path = write_report(args.run_dir, gt_dir=args.gt, output=args.output, max_gallery=args.max_images)
+    print(f"cp-deploy: report written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cp-deploy", description="Curriculum-prompted SAM segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("batch", help="segment every image in a folder",
-                       description="Segment every png/jpg/jpeg/bmp/tif(f) image under --input, recursively.")
+                       description="Segment every png/jpg/jpeg/bmp/tif(f), DICOM (.dcm, .dicom or any file "
+                                   "with the DICM preamble) and NIfTI (.nii, .nii.gz) file under --input, "
+                                   "recursively. DICOM inputs also get a DICOM-SEG, NIfTI inputs a mask NIfTI.")
     b.add_argument("--input", required=True, help="folder of images (searched recursively)")
     b.add_argument("--output", required=True, help="folder for masks/, overlays/ and results.jsonl")
     b.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped with the package)")
@@ -90,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     b.add_argument("--threads", type=int, default=0, help="CPU threads of torch or ONNX Runtime (0: their default)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--slice-axis", type=int, default=None, choices=[0, 1, 2],
+                   help="NIfTI volumes: voxel axis to slice along (default: the axis of largest voxel spacing)")
+    b.add_argument("--include-uids", action="store_true",
+                   help="DICOM: write study/series/SOP instance UIDs to results.jsonl (names, IDs and dates never are)")
     b.set_defaults(func=_batch)
 
     e = sub.add_parser("eval", help="mDice and mIoU of predicted masks against ground truth",
@@ -99,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--csv", default=None, help="per-image CSV path (default: PRED/eval.csv)")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
     e.set_defaults(func=_eval)
+
+    r = sub.add_parser("report", help="write a self-contained HTML report of a run",
+                       description="One report.html: counts, failures, throughput, per-stage timings and a "
+                                   "gallery of overlays (worst Dice first with --gt).")
+    r.add_argument("run_dir", help="output folder of cp-deploy batch")
+    r.add_argument("--gt", default=None, help="folder of ground-truth masks: adds Dice per image, worst first")
+    r.add_argument("--output", default=None, help="report path (default: RUN_DIR/report.html)")
+    r.add_argument("--max-images", type=int, default=200, help="at most this many images in the gallery")
+    r.set_defaults(func=_report)
     return parser
 
 

@@ -24,19 +24,28 @@ class InputError(RuntimeError):
     """The input folder or an input file cannot be used; the message names it and the fix."""
 
 
-def discover_images(root: str | Path) -> list[Path]:
-    """Image files under ``root``, recursively, as sorted paths relative to ``root``."""
+def discover_images(root: str | Path, medical: bool = False) -> list[Path]:
+    """Image files under ``root``, recursively, as sorted paths relative to ``root``.
+
+    With ``medical``, DICOM and NIfTI files count too (see ``cp_deploy.formats``), as
+    ``cp-deploy batch`` reads them.
+    """
     root = Path(root)
     if not root.exists():
         raise InputError(f"input folder '{root}' does not exist; pass --input DIR with your images")
     if not root.is_dir():
         raise InputError(f"--input '{root}' is a file; pass the folder that contains it")
-    found = sorted(
-        p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    if medical:
+        from cp_deploy.formats import is_input_file as accept
+    else:
+        def accept(p: Path) -> bool:
+            return p.suffix.lower() in IMAGE_EXTENSIONS
+
+    found = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and accept(p))
     if not found:
+        looked = ", ".join(IMAGE_EXTENSIONS + ((".dcm", ".dicom", ".nii", ".nii.gz") if medical else ()))
         raise InputError(
-            f"no images found under '{root}' (looked for {', '.join(IMAGE_EXTENSIONS)} recursively); "
+            f"no images found under '{root}' (looked for {looked} recursively); "
             "point --input at the folder that holds them"
         )
     return found
@@ -142,10 +151,14 @@ class RunJournal:
             self.records[rec["path"]] = rec
 
     def done(self) -> set[str]:
-        return {
-            p for p, r in self.records.items()
-            if r.get("status") == "ok" and (self.out_dir / r.get("mask", "")).is_file()
-        }
+        """Paths whose record is ``ok`` and whose every output file (mask, and any format
+        outputs such as a DICOM-SEG) is still there."""
+        return {p for p, r in self.records.items() if r.get("status") == "ok" and self.outputs_exist(r)}
+
+    def outputs_exist(self, record: dict) -> bool:
+        """A multi-frame file's own record may list no files (no format output for it)."""
+        files = ([record["mask"]] if "mask" in record else []) + list(record.get("outputs", {}).values())
+        return (bool(files) or "frames" in record) and all((self.out_dir / f).is_file() for f in files)
 
     def reset(self) -> None:
         """Start afresh: forget records and remove the old journal and results."""

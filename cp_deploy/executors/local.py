@@ -3,10 +3,16 @@
 Images are decoded ahead of the model by a bounded thread pool; a background writer thread
 writes masks and overlays atomically and only then records the image in the run journal, so a
 killed run never records an image whose outputs are missing.
+
+A file may hold several images (a multi-frame DICOM, a NIfTI volume): each frame is journalled
+under ``path#label`` as it finishes, and once the file's last frame is written the writer builds
+the file's own output (DICOM-SEG, mask NIfTI) and journals the file under its path. ``--resume``
+skips finished files without decoding them, and in a half-done file only the missing frames.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 import sys
 import threading
@@ -14,13 +20,14 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from cp_deploy.io import RunJournal, atomic_write_bytes, discover_images, encode_image, read_image, write_mask
+from cp_deploy.formats import Decoded, ReadOptions, read_input
+from cp_deploy.io import RunJournal, atomic_write_bytes, discover_images, encode_image, read_mask, write_mask
 from cp_deploy.pipeline import CurriculumPipeline, ImageResult
 from cp_deploy.preprocess import to_rgb_uint8
 
@@ -45,41 +52,66 @@ class RunSummary:
         )
 
 
+def _stem(f: Path) -> str:
+    name = f.name
+    cut = len(".nii.gz") if name.lower().endswith(".nii.gz") else len(f.suffix)
+    return f.as_posix()[: len(f.as_posix()) - cut] if cut else f.as_posix()
+
+
 def output_names(files: list[Path]) -> dict[str, str]:
     """Relative input path -> relative mask path: the same path with ``.png``; where two inputs
     share a stem (``a.jpg`` and ``a.png``), the full file name plus ``.png``, so none collide."""
     stems: dict[str, int] = {}
     for f in files:
-        stems[f.with_suffix("").as_posix()] = stems.get(f.with_suffix("").as_posix(), 0) + 1
-    out = {}
-    for f in files:
-        stem = f.with_suffix("").as_posix()
-        out[f.as_posix()] = (stem if stems[stem] == 1 else f.as_posix()) + ".png"
-    return out
+        stems[_stem(f)] = stems.get(_stem(f), 0) + 1
+    return {f.as_posix(): (_stem(f) if stems[_stem(f)] == 1 else f.as_posix()) + ".png" for f in files}
 
 
-def _decode(path: Path) -> tuple[np.ndarray | Exception, float]:
+def _decode(path: Path, options: ReadOptions) -> tuple[Decoded | Exception, float]:
     t0 = time.perf_counter()
     try:
-        return read_image(path), (time.perf_counter() - t0) * 1000
+        return read_input(path, options), (time.perf_counter() - t0) * 1000
     except Exception as e:  # recorded per image; the run goes on
         return e, (time.perf_counter() - t0) * 1000
 
 
-def _prefetch(pool: ThreadPoolExecutor, root: Path, files: list[Path], depth: int) -> Iterator:
+def _prefetch(pool: ThreadPoolExecutor, root: Path, files: list[Path], depth: int, options: ReadOptions) -> Iterator:
     """Decode ``files`` in ``pool`` keeping at most ``depth`` in flight, yielding in order."""
     pending: deque = deque()
     it = iter(files)
     for f in it:
-        pending.append((f, pool.submit(_decode, root / f)))
+        pending.append((f, pool.submit(_decode, root / f, options)))
         if len(pending) >= depth:
             break
     while pending:
         f, fut = pending.popleft()
         nxt = next(it, None)
         if nxt is not None:
-            pending.append((nxt, pool.submit(_decode, root / nxt)))
+            pending.append((nxt, pool.submit(_decode, root / nxt, options)))
         yield f, *fut.result()
+
+
+@dataclass
+class _Source:
+    """One input file that has several frames or a format output, while its frames are written."""
+
+    rel: str
+    decoded: Decoded
+    mask_rel: str  # the single frame's mask; frames get ``<stem>_<label>.png`` beside it
+    earlier: dict[str, dict]  # key -> ok record from an earlier run (--resume)
+    records: dict[str, dict] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    remaining: int = 0
+
+    @property
+    def multi(self) -> bool:
+        return len(self.decoded.frames) > 1
+
+    def keys(self) -> list[str]:
+        return [self.rel if not lab else f"{self.rel}#{lab}" for lab in self.decoded.labels]
+
+    def frame_mask_rel(self, label: str) -> str:
+        return self.mask_rel if not label else f"{self.mask_rel[:-4]}_{label}.png"
 
 
 def result_record(rel: str, mask_rel: str, result: ImageResult) -> dict:
@@ -118,6 +150,9 @@ class _Writer(threading.Thread):
         self.q: queue.Queue = queue.Queue(maxsize=64)
         self.error: BaseException | None = None
 
+        self.demoted = 0  # single-frame files whose format output failed after their mask was ok
+        self.file_failures = 0  # multi-frame files whose format output failed
+
     def run(self) -> None:
         while (item := self.q.get()) is not None:
             if self.error is not None:
@@ -127,10 +162,17 @@ class _Writer(threading.Thread):
             except BaseException as e:  # surfaced to the main thread
                 self.error = e
 
-    def _write(self, rel: str, mask_rel: str, image: np.ndarray | None, result: ImageResult | None,
-               error: str | None, decode_ms: float) -> None:
+    def _write(self, rel: str | None, mask_rel: str, image: np.ndarray | None, result: ImageResult | None,
+               error: str | None, decode_ms: float, source: _Source | None = None) -> None:
+        if rel is None:  # every frame of ``source`` was done in an earlier run
+            self._finish(source)
+            return
         if result is None:
-            self.journal.append([{"path": rel, "status": "error", "error": error}])
+            rec = {"path": rel, "status": "error", "error": error}
+            if source is None:
+                self.journal.append([rec])
+            else:
+                self._frame_done(source, rel, rec, None)
             return
         t0 = time.perf_counter()
         rec = result_record(rel, mask_rel, result)
@@ -143,6 +185,55 @@ class _Writer(threading.Thread):
             rec["overlay"] = ov_rel
         rec["timings_ms"]["decode"] = round(decode_ms, 3)
         rec["timings_ms"]["write"] = round((time.perf_counter() - t0) * 1000, 3)
+        if source is None:
+            self.journal.append([rec])
+        else:
+            self._frame_done(source, rel, rec, result.mask)
+
+    def _frame_done(self, source: _Source, key: str, rec: dict, mask: np.ndarray | None) -> None:
+        if source.multi:
+            rec["source"], rec["frame"] = source.rel, key[len(source.rel) + 1:]
+            self.journal.append([rec])  # journalled now, so --resume keeps finished frames
+        source.records[key] = rec
+        if mask is not None:
+            source.masks[key] = mask
+        source.remaining -= 1
+        if source.remaining == 0:
+            self._finish(source)
+
+    def _finish(self, source: _Source) -> None:
+        """All frames of ``source`` are written: build its format outputs and journal the file."""
+        keys = source.keys()
+        records = {**source.earlier, **source.records}
+        failed = [k for k in keys if records.get(k, {}).get("status") != "ok"]
+        outputs: dict[str, str] = {}
+        error = None
+        if failed:
+            error = f"{len(failed)} of {len(keys)} frames failed, so the file's own outputs were not written"
+        elif source.decoded.write_back is not None:
+            try:
+                masks = [source.masks[k] if k in source.masks else read_mask(self.out / records[k]["mask"])
+                         for k in keys]
+                for kind, (suffix, data) in source.decoded.write_back(masks).items():
+                    out_rel = f"masks/{source.mask_rel[:-4]}{suffix}"
+                    atomic_write_bytes(self.out / out_rel, data)
+                    outputs[kind] = out_rel
+            except Exception as e:  # the masks are kept; the file is recorded as failed
+                error = f"{source.rel}: writing the {source.decoded.info.get('format', 'format')} output failed: {e!r}"
+        if source.multi:
+            rec = {"path": source.rel, "status": "error" if error else "ok", "frames": len(keys),
+                   **source.decoded.info}
+            if error and not failed:
+                self.file_failures += 1
+        else:
+            rec = {**records[source.rel], **source.decoded.info}
+            if error and rec["status"] == "ok":
+                rec["status"] = "error"
+                self.demoted += 1
+        if outputs:
+            rec["outputs"] = outputs
+        if error and "error" not in rec:
+            rec["error"] = error
         self.journal.append([rec])
 
     def put(self, *item) -> None:
@@ -166,11 +257,16 @@ def run_folder(
     resume: bool = False,
     workers: int = 2,
     progress: bool = True,
+    read_options: ReadOptions | None = None,
 ) -> RunSummary:
-    """Segment every image under ``input_dir`` into ``output_dir``; see the module docstring."""
+    """Segment every image under ``input_dir`` into ``output_dir``; see the module docstring.
+
+    ``read_options`` carries the DICOM/NIfTI settings (slice axis, UIDs in the records).
+    """
     t_start = time.perf_counter()
     root, out = Path(input_dir), Path(output_dir)
-    files = discover_images(root)
+    read_options = read_options or ReadOptions()
+    files = discover_images(root, medical=True)
     names = output_names(files)
     journal = RunJournal(out)
     if resume:
@@ -179,7 +275,7 @@ def run_folder(
         journal.reset()
     done = journal.done()
     todo = [f for f in files if f.as_posix() not in done]
-    skipped = len(files) - len(todo)
+    skipped = sum(journal.records[f.as_posix()].get("frames", 1) for f in files if f.as_posix() in done)
     writer = _Writer(out, journal, overlays)
     writer.start()
     ok = failed = 0
@@ -190,40 +286,79 @@ def run_folder(
         if not batch:
             return
         try:
-            results = pipeline.predict([im for _, im, _ in batch])
+            results = pipeline.predict([im for _, _, im, _, _ in batch])
         except Exception as e:
             if len(batch) > 1:
                 # Isolate the image that breaks the batch instead of failing all of them.
                 for item in batch:
                     flush([item])
                 return
-            f, _, dms = batch[0]
-            writer.put(f.as_posix(), names[f.as_posix()], None, None, f"{root / f}: segmentation failed: {e!r}", dms)
+            key, mask_rel, _, dms, src = batch[0]
+            writer.put(key, mask_rel, None, None, f"{root}/{key}: segmentation failed: {e!r}", dms, src)
             failed += 1
             bar.update(1)
             return
-        for (f, im, dms), res in zip(batch, results):
-            writer.put(f.as_posix(), names[f.as_posix()], im, res, None, dms)
+        for (key, mask_rel, im, dms, src), res in zip(batch, results):
+            writer.put(key, mask_rel, im, res, None, dms, src)
             ok += 1
         bar.update(len(batch))
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cp-decode") as pool:
             batch: list = []
-            for f, image, decode_ms in _prefetch(pool, root, todo, depth=max(2 * batch_size, 2 * workers)):
-                if isinstance(image, Exception):
-                    writer.put(f.as_posix(), names[f.as_posix()], None, None, str(image), decode_ms)
+            depth = max(2 * batch_size, 2 * workers)
+            for f, decoded, decode_ms in _prefetch(pool, root, todo, depth, read_options):
+                rel = f.as_posix()
+                if isinstance(decoded, Exception):
+                    writer.put(rel, names[rel], None, None, str(decoded), decode_ms)
                     failed += 1
                     bar.update(1)
                     bar.set_postfix(failed=failed)
                     continue
-                batch.append((f, image, decode_ms))
-                if len(batch) == batch_size:
-                    flush(batch)
-                    batch = []
+                items = _frames_todo(rel, names[rel], decoded, decode_ms, journal, done)
+                if items and items[0][4] is not None and not items[0][4].remaining:
+                    writer.put(None, "", None, None, None, 0.0, items[0][4])
+                    items = []
+                skipped += len(decoded.frames) - len(items)
+                if len(items) != 1:
+                    bar.total += len(items) - 1
+                    bar.refresh()
+                for item in items:
+                    batch.append(item)
+                    if len(batch) == batch_size:
+                        flush(batch)
+                        batch = []
             flush(batch)
     finally:
         bar.close()
         writer.close()
         journal.finalize()
-    return RunSummary(len(files), ok, failed, skipped, time.perf_counter() - t_start, out)
+    ok -= writer.demoted
+    failed += writer.demoted + writer.file_failures
+    summary = RunSummary(ok + failed + skipped, ok, failed, skipped, time.perf_counter() - t_start, out)
+    # For `cp-deploy report`: the wall-clock throughput is known only here.
+    run_info = {"ok": ok, "failed": failed, "skipped": skipped, "seconds": round(summary.seconds, 3),
+                "images_per_second": round(summary.images_per_second, 4), "batch_size": batch_size}
+    atomic_write_bytes(out / "run.json", json.dumps(run_info, indent=1).encode("utf-8"))
+    return summary
+
+
+def _frames_todo(rel: str, mask_rel: str, decoded: Decoded, decode_ms: float, journal: RunJournal,
+                 done: set[str]) -> list[tuple]:
+    """Batch items ``(key, mask_rel, image, decode_ms, source)`` for the frames still to segment.
+
+    A plain image needs no :class:`_Source`. When every frame of a file was done earlier, the one
+    item returned carries the source with nothing ``remaining``: only the file outputs are left.
+    """
+    if len(decoded.frames) == 1 and decoded.write_back is None and not decoded.info:
+        return [(rel, mask_rel, decoded.frames[0], decode_ms, None)]
+    src = _Source(rel, decoded, mask_rel, earlier={})
+    per_frame_ms = decode_ms / len(decoded.frames)
+    items = []
+    for key, label, image in zip(src.keys(), decoded.labels, decoded.frames):
+        if src.multi and key in done:
+            src.earlier[key] = journal.records[key]
+        else:
+            items.append((key, src.frame_mask_rel(label), image, per_frame_ms, src))
+    src.remaining = len(items)
+    return items or [(None, "", None, 0.0, src)]
