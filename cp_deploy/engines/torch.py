@@ -1,7 +1,9 @@
 """PyTorch engine: eager (optionally compiled) modules on the CPU or a CUDA device.
 
-``precision`` ``bf16``/``fp16`` runs the networks under autocast, which keeps LayerNorm and softmax
-in fp32 (SAM's LayerNorm overflows in fp16); outputs are fp32 either way. ``sdpa`` swaps SAM ViT
+``precision`` ``bf16``/``fp16`` runs the image encoder (nearly all the FLOPs) under autocast, which
+keeps LayerNorm and softmax in fp32 (SAM's LayerNorm overflows in fp16); the detector, keypoint
+net and decoders stay fp32, since their thresholds decide instances and mask borders and they
+cost little. Outputs are fp32 either way. ``sdpa`` swaps SAM ViT
 attention for the equivalent SDPA form (same parameters). On CUDA, a detector that reads the
 image runs on a side stream, overlapping the encoder: the pipeline calls ``detect`` before
 ``encode`` for such detectors, then ``join``, which makes the main stream wait for the side stream
@@ -70,8 +72,8 @@ class TorchEngine:
             self._side.wait_stream(torch.cuda.current_stream(self.device))  # the input copy, nothing later
             stream = torch.cuda.stream(self._side)
             self._side_pending = True
-        with stream, self._autocast():
-            out = {k: v.float() for k, v in self.models.detector(x).items()}
+        with stream:
+            out = self.models.detector(x)
         if self._side is not None:  # the outputs are read on the main stream after join()
             for v in out.values():
                 v.record_stream(torch.cuda.current_stream(self.device))
@@ -86,8 +88,7 @@ class TorchEngine:
     @torch.inference_mode()
     def keypoints(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         self.join()
-        with self._autocast():
-            return self.models.keypoints(features.to(self.device), rois.to(self.device)).float()
+        return self.models.keypoints(features.to(self.device), rois.to(self.device))
 
     @torch.inference_mode()
     def decode(
@@ -101,9 +102,7 @@ class TorchEngine:
         self.join()
         dev = self.device
         points = None if points is None else (points[0].to(dev), points[1].to(dev))
-        with self._autocast():
-            logits, iou = getattr(self.models, head)(
-                embeddings.to(dev), points=points, boxes=None if boxes is None else boxes.to(dev),
-                mask_input=None if mask_input is None else mask_input.to(dev),
-            )
-        return logits.float(), iou.float()
+        return getattr(self.models, head)(
+            embeddings.to(dev), points=points, boxes=None if boxes is None else boxes.to(dev),
+            mask_input=None if mask_input is None else mask_input.to(dev),
+        )
