@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -6,34 +6,36 @@ import argparse
 import json
 import sys
 
+from cp_deploy import MissingExtraError
 from cp_deploy.bundle import PROMPT_MODES, BundleError
 from cp_deploy.io import InputError
 from cp_deploy.models.weights import WeightsError
 
-USER_ERRORS = (BundleError, InputError, WeightsError, NotImplementedError, FileNotFoundError)
+USER_ERRORS = (BundleError, InputError, WeightsError, NotImplementedError, FileNotFoundError, MissingExtraError)
 
 
 def _batch(args: argparse.Namespace) -> int:
-    import torch
+    from cp_deploy.executors import PipelineFactory
+    from cp_deploy.pipeline import PipelineOptions
 
-    from cp_deploy.bundle import load_bundle
-    from cp_deploy.engines import create_engine
-    from cp_deploy.executors.local import run_folder
-    from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bundle = load_bundle(args.bundle)
-    engine = create_engine(args.engine, bundle, device=args.device)
     options = PipelineOptions(
         prompts=args.prompts, edge_label=args.edge_label, mode=args.mode,
         score_threshold=args.score_threshold, max_instances=args.max_instances, min_instances=args.min_instances,
     )
-    pipeline = CurriculumPipeline(bundle, engine, options)
-    summary = run_folder(
-        pipeline, args.input, args.output, batch_size=args.batch_size, overlays=args.overlays,
-        resume=args.resume, workers=args.workers, progress=not args.no_progress,
-    )
+    device = "cuda" if args.executor == "ray" and args.gpus_per_worker and args.device == "cpu" else args.device
+    factory = PipelineFactory(args.bundle, args.engine, device, options, args.threads)
+    common = {"batch_size": args.batch_size, "overlays": args.overlays, "resume": args.resume,
+              "progress": not args.no_progress}
+    if args.executor == "ray":
+        from cp_deploy.executors.ray import run_folder_ray
+
+        summary = run_folder_ray(factory, args.input, args.output, num_workers=args.num_workers,
+                                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=max(1, args.threads),
+                                 address=args.ray_address, **common)
+    else:
+        from cp_deploy.executors.local import run_folder
+
+        summary = run_folder(factory(), args.input, args.output, workers=args.workers, **common)
     print(f"cp-deploy: {summary.line()}")
     return 1 if summary.failed else 0
 
@@ -83,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: a Ray cluster (needs the 'ray' extra)")
+    b.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join, e.g. HEAD:6379 (default: RAY_ADDRESS, else a local one)")
+    b.add_argument("--num-workers", type=int, default=1, help="Ray actors, each with its own copy of the models")
+    b.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per Ray actor (with --device cpu, >0 switches the actors to cuda)")
     b.set_defaults(func=_batch)
 
     e = sub.add_parser("eval", help="mDice and mIoU of predicted masks against ground truth",

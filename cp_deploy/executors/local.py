@@ -58,7 +58,7 @@ def output_names(files: list[Path]) -> dict[str, str]:
     return out
 
 
-def _decode(path: Path) -> tuple[np.ndarray | Exception, float]:
+def decode_timed(path: Path) -> tuple[np.ndarray | Exception, float]:
     t0 = time.perf_counter()
     try:
         return read_image(path), (time.perf_counter() - t0) * 1000
@@ -71,14 +71,14 @@ def _prefetch(pool: ThreadPoolExecutor, root: Path, files: list[Path], depth: in
     pending: deque = deque()
     it = iter(files)
     for f in it:
-        pending.append((f, pool.submit(_decode, root / f)))
+        pending.append((f, pool.submit(decode_timed, root / f)))
         if len(pending) >= depth:
             break
     while pending:
         f, fut = pending.popleft()
         nxt = next(it, None)
         if nxt is not None:
-            pending.append((nxt, pool.submit(_decode, root / nxt)))
+            pending.append((nxt, pool.submit(decode_timed, root / nxt)))
         yield f, *fut.result()
 
 
@@ -109,6 +109,38 @@ def result_record(rel: str, mask_rel: str, result: ImageResult) -> dict:
     }
 
 
+def write_outputs(out: Path, rel: str, mask_rel: str, image: np.ndarray | None, result: ImageResult | str,
+                  decode_ms: float, overlays: bool) -> dict:
+    """Write one image's mask (and overlay) atomically and return its record; ``result`` is the
+    error message of an image that failed. Every executor writes through here, so their outputs agree."""
+    if not isinstance(result, ImageResult):
+        return {"path": rel, "status": "error", "error": result}
+    t0 = time.perf_counter()
+    rec = result_record(rel, mask_rel, result)
+    write_mask(out / rec["mask"], result.mask)
+    if overlays:
+        from cp_deploy.visualize import draw_overlay
+
+        ov_rel = f"overlays/{Path(mask_rel).with_suffix('.jpg').as_posix()}"
+        atomic_write_bytes(out / ov_rel, encode_image(draw_overlay(to_rgb_uint8(image), result), ".jpg"))
+        rec["overlay"] = ov_rel
+    rec["timings_ms"]["decode"] = round(decode_ms, 3)
+    rec["timings_ms"]["write"] = round((time.perf_counter() - t0) * 1000, 3)
+    return rec
+
+
+def segment_batch(pipeline: CurriculumPipeline, images: list[np.ndarray], labels: list[str]) -> list[ImageResult | str]:
+    """``pipeline.predict`` on a batch; an image that breaks it gets an error message naming it
+    (``labels[i]``) and the others are still segmented."""
+    try:
+        return list(pipeline.predict(images))
+    except Exception as e:
+        if len(images) == 1:
+            return [f"{labels[0]}: segmentation failed: {e!r}"]
+    # Isolate the image that breaks the batch instead of failing all of them.
+    return [segment_batch(pipeline, [im], [lab])[0] for im, lab in zip(images, labels)]
+
+
 class _Writer(threading.Thread):
     """Background writer: masks and overlays atomically, then the journal record."""
 
@@ -127,23 +159,9 @@ class _Writer(threading.Thread):
             except BaseException as e:  # surfaced to the main thread
                 self.error = e
 
-    def _write(self, rel: str, mask_rel: str, image: np.ndarray | None, result: ImageResult | None,
-               error: str | None, decode_ms: float) -> None:
-        if result is None:
-            self.journal.append([{"path": rel, "status": "error", "error": error}])
-            return
-        t0 = time.perf_counter()
-        rec = result_record(rel, mask_rel, result)
-        write_mask(self.out / rec["mask"], result.mask)
-        if self.overlays:
-            from cp_deploy.visualize import draw_overlay
-
-            ov_rel = f"overlays/{Path(mask_rel).with_suffix('.jpg').as_posix()}"
-            atomic_write_bytes(self.out / ov_rel, encode_image(draw_overlay(to_rgb_uint8(image), result), ".jpg"))
-            rec["overlay"] = ov_rel
-        rec["timings_ms"]["decode"] = round(decode_ms, 3)
-        rec["timings_ms"]["write"] = round((time.perf_counter() - t0) * 1000, 3)
-        self.journal.append([rec])
+    def _write(self, rel: str, mask_rel: str, image: np.ndarray | None, result: ImageResult | str,
+               decode_ms: float) -> None:
+        self.journal.append([write_outputs(self.out, rel, mask_rel, image, result, decode_ms, self.overlays)])
 
     def put(self, *item) -> None:
         if self.error is not None:
@@ -155,6 +173,19 @@ class _Writer(threading.Thread):
         self.join()
         if self.error is not None:
             raise RuntimeError(f"writing outputs failed: {self.error}") from self.error
+
+
+def plan_run(root: Path, out: Path, resume: bool) -> tuple[list[Path], dict[str, str], RunJournal, list[Path]]:
+    """Every input, its mask name, the run journal (earlier records loaded on ``resume``, else
+    cleared) and the inputs still to do."""
+    files = discover_images(root)
+    journal = RunJournal(out)
+    if resume:
+        journal.load()
+    else:
+        journal.reset()
+    done = journal.done()
+    return files, output_names(files), journal, [f for f in files if f.as_posix() not in done]
 
 
 def run_folder(
@@ -170,15 +201,7 @@ def run_folder(
     """Segment every image under ``input_dir`` into ``output_dir``; see the module docstring."""
     t_start = time.perf_counter()
     root, out = Path(input_dir), Path(output_dir)
-    files = discover_images(root)
-    names = output_names(files)
-    journal = RunJournal(out)
-    if resume:
-        journal.load()
-    else:
-        journal.reset()
-    done = journal.done()
-    todo = [f for f in files if f.as_posix() not in done]
+    files, names, journal, todo = plan_run(root, out, resume)
     skipped = len(files) - len(todo)
     writer = _Writer(out, journal, overlays)
     writer.start()
@@ -189,22 +212,13 @@ def run_folder(
         nonlocal ok, failed
         if not batch:
             return
-        try:
-            results = pipeline.predict([im for _, im, _ in batch])
-        except Exception as e:
-            if len(batch) > 1:
-                # Isolate the image that breaks the batch instead of failing all of them.
-                for item in batch:
-                    flush([item])
-                return
-            f, _, dms = batch[0]
-            writer.put(f.as_posix(), names[f.as_posix()], None, None, f"{root / f}: segmentation failed: {e!r}", dms)
-            failed += 1
-            bar.update(1)
-            return
+        results = segment_batch(pipeline, [im for _, im, _ in batch], [str(root / f) for f, _, _ in batch])
         for (f, im, dms), res in zip(batch, results):
-            writer.put(f.as_posix(), names[f.as_posix()], im, res, None, dms)
-            ok += 1
+            writer.put(f.as_posix(), names[f.as_posix()], im, res, dms)
+            if isinstance(res, ImageResult):
+                ok += 1
+            else:
+                failed += 1
         bar.update(len(batch))
 
     try:
@@ -212,7 +226,7 @@ def run_folder(
             batch: list = []
             for f, image, decode_ms in _prefetch(pool, root, todo, depth=max(2 * batch_size, 2 * workers)):
                 if isinstance(image, Exception):
-                    writer.put(f.as_posix(), names[f.as_posix()], None, None, str(image), decode_ms)
+                    writer.put(f.as_posix(), names[f.as_posix()], None, str(image), decode_ms)
                     failed += 1
                     bar.update(1)
                     bar.set_postfix(failed=failed)
