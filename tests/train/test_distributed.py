@@ -11,9 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -25,26 +23,7 @@ from cp_train.data import EmbeddingCache, load_samples
 from cp_train.trainers.loop import LoopConfig, fit
 from cp_train.trainers.sam import instance_targets, make_sam_epoch
 
-N_IMAGES = 8  # one lesion each: 8 instances, two global batches of 4 per epoch
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_data")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(N_IMAGES):
-        h, w = int(rng.integers(70, 100)), int(rng.integers(70, 100))
-        img = np.full((h, w, 3), rng.integers(20, 80), np.uint8)
-        mask = np.zeros((h, w), np.uint8)
-        centre = (int(rng.integers(25, w - 25)), int(rng.integers(25, h - 25)))
-        cv2.circle(mask, centre, int(rng.integers(8, 18)), 255, -1)
-        img[mask > 0] = rng.integers(150, 255, 3)
-        cv2.imwrite(str(root / "images" / f"s{i:02d}.png"), img)
-        cv2.imwrite(str(root / "masks" / f"s{i:02d}.png"), mask)
-    (root / "train.txt").write_text("".join(f"s{i:02d}\n" for i in range(N_IMAGES)))
-    return root
+N_IMAGES = 12  # the dataset fixture: one lesion each, so three global batches of 4 per epoch
 
 
 def _free_port() -> int:
@@ -95,8 +74,8 @@ def test_two_ranks_train_like_one_process_with_twice_the_batch(dataset, tiny_bun
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
     ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
     # Each rank trained on its half of every global batch...
-    assert json.loads((one / "rank0.json").read_text())["seen"] == [4, 4] * 3
-    assert ranks[0]["seen"] == ranks[1]["seen"] == [2, 2] * 3
+    assert json.loads((one / "rank0.json").read_text())["seen"] == [4, 4, 4] * 3
+    assert ranks[0]["seen"] == ranks[1]["seen"] == [2, 2, 2] * 3
     # ...and the cache was built once: each rank encoded its half, and neither the other's.
     assert [r["encoder_calls"] for r in ranks] == [N_IMAGES // 2, N_IMAGES // 2]
     assert len(list((two / "cache").rglob("*.pt"))) == N_IMAGES and not list((two / "cache").rglob("*.tmp"))
