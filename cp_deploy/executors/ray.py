@@ -107,7 +107,7 @@ def run_folder_ray(
     t_start = time.perf_counter()
     root, out = Path(input_dir).resolve(), Path(output_dir).resolve()
     files, names, journal, todo = plan_run(root, out, resume)
-    started = not ray.is_initialized()
+    started = bool(todo) and not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=progress)
     bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, desc="cp-deploy[ray]")
@@ -116,8 +116,11 @@ def run_folder_ray(
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # ours counts images; Ray's would interleave with it
             items = [{"path": f.as_posix(), "mask_rel": names[f.as_posix()]} for f in todo]
+            # Several blocks per worker keep every actor busy; at most 256 images per block bound
+            # a decoding task's memory and what a retry has to redo.
+            blocks = max(min(len(items), 4 * num_workers), -(-len(items) // 256))
             ds = (
-                ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * num_workers)))
+                ray.data.from_items(items, override_num_blocks=blocks)
                 .map(_decode_row, fn_kwargs={"root": str(root)})
                 .map_batches(
                     _Segmenter,
