@@ -101,3 +101,12 @@ def test_cp_train_under_torchrun_then_resumed_by_one_process(dataset, tiny_bundl
     assert train_main([*args, "--batch-size", "4", "--epochs", "3", "--resume"]) == 0
     assert "resuming after epoch 2/3" in capsys.readouterr().out
     assert [r["epoch"] for r in _log(work)] == [1, 2, 3]
+
+
+def test_rank_shares_of_batches_and_of_the_cache(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert distributed.rank_share(np.arange(10, 14)).tolist() == [12, 13]
+    assert distributed.rank_share(np.arange(10, 13)).tolist() == [12]  # uneven: near-equal shares
+    assert distributed.rank_share(np.arange(10, 11)) is None  # rank 1 would have nothing: all skip
+    assert distributed.shard(list("abcde")) == [1, 3]
