@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from cp_deploy import MissingExtraError
 from cp_deploy.bundle import PROMPT_MODES, BundleError
+from cp_deploy.engines.manifest import EngineError
 from cp_deploy.io import InputError
 from cp_deploy.models.weights import WeightsError
 
-USER_ERRORS = (BundleError, InputError, WeightsError, NotImplementedError, FileNotFoundError, MissingExtraError)
+USER_ERRORS = (
+    BundleError, EngineError, InputError, WeightsError, NotImplementedError, FileNotFoundError, MissingExtraError,
+)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -23,7 +27,9 @@ def _batch(args: argparse.Namespace) -> int:
         score_threshold=args.score_threshold, max_instances=args.max_instances, min_instances=args.min_instances,
     )
     device = "cuda" if args.executor == "ray" and args.gpus_per_worker and args.device == "cpu" else args.device
-    factory = PipelineFactory(args.bundle, args.engine, device, options, args.threads)
+    # Absolute paths: Ray workers do not share the driver's working directory.
+    bundle, graphs = (os.path.abspath(p) if p else None for p in (args.bundle, args.graphs))
+    factory = PipelineFactory(bundle, args.engine, device, options, args.threads, graphs)
     common = {"batch_size": args.batch_size, "overlays": args.overlays, "resume": args.resume,
               "progress": not args.no_progress}
     if args.executor == "ray":
@@ -67,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", required=True, help="folder for masks/, overlays/ and results.jsonl")
     b.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped with the package)")
     b.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "trt"], help="inference engine")
-    b.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
+    b.add_argument("--graphs", default=None,
+                   help="folder of exported graphs for --engine onnxruntime|trt (default: BUNDLE/onnx or BUNDLE/trt)")
+    b.add_argument("--device", default="cpu", help="device: cpu, cuda or cuda:N (trt always runs on cuda)")
     b.add_argument("--batch-size", type=int, default=1, help="images per encoder call")
     b.add_argument("--prompts", default="curriculum", choices=PROMPT_MODES,
                    help="prompting scheme: the curriculum or one of the paper's ablations")
@@ -83,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overlays", action="store_true", help="also write overlays/*.jpg with contours, boxes and points")
     b.add_argument("--resume", action="store_true", help="skip images already done in --output")
     b.add_argument("--workers", type=int, default=2, help="image-decoding threads")
-    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    b.add_argument("--threads", type=int, default=0, help="CPU threads of torch or ONNX Runtime (0: their default)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="local: this process; ray: a Ray cluster (needs the 'ray' extra)")

@@ -17,7 +17,8 @@ class PipelineFactory:
     engine: str = "torch"
     device: str = "cpu"
     options: PipelineOptions = field(default_factory=PipelineOptions)
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    threads: int = 0  # CPU threads of torch or ONNX Runtime; 0 leaves their default
+    graphs: str | None = None  # exported graphs for onnxruntime/trt (default: inside the bundle)
 
     def __call__(self) -> CurriculumPipeline:
         import torch
@@ -28,4 +29,5 @@ class PipelineFactory:
         if self.threads:
             torch.set_num_threads(self.threads)
         bundle = load_bundle(self.bundle)
-        return CurriculumPipeline(bundle, create_engine(self.engine, bundle, device=self.device), self.options)
+        engine = create_engine(self.engine, bundle, device=self.device, graphs=self.graphs, threads=self.threads)
+        return CurriculumPipeline(bundle, engine, self.options)

@@ -8,6 +8,7 @@ mask decoder and may be replaced by fine-tuned weights from the bundle.
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from functools import partial
 
@@ -65,6 +66,7 @@ def build_sam(arch: str) -> Sam:
             layer_lr_decay=0.8,
         )
         encoder.img_size = 256
+        _batch_agnostic_patch_merging(encoder)
         prompt_encoder, mask_decoder = _heads(256, 256, 64, 2048, 8)
     elif arch in _VIT:
         c = _VIT[arch]
@@ -83,6 +85,23 @@ def build_sam(arch: str) -> Sam:
         raise ValueError(f"unknown SAM architecture {arch!r}; choose one of {', '.join(SAM_ARCHS)}")
     sam = Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder)
     return sam.eval()
+
+
+def _batch_agnostic_patch_merging(encoder: nn.Module) -> None:
+    """TinyViT's PatchMerging reads the batch size with ``len(x)``, which an ONNX trace freezes
+    into a constant; the same arithmetic with ``x.shape[0]`` keeps the batch axis dynamic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            h, w = self.input_resolution
+            x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        x = self.act(self.conv1(x))
+        x = self.act(self.conv2(x))
+        return self.conv3(x).flatten(2).transpose(1, 2)
+
+    for m in encoder.modules():
+        if type(m).__name__ == "PatchMerging":
+            m.forward = types.MethodType(forward, m)
 
 
 def default_preprocess(arch: str) -> PreprocessConfig:
@@ -141,6 +160,34 @@ class PromptHead(nn.Module):
         """Per-instance ``embeddings`` (NxCxhxw) and prompts in model-input pixels ->
         (Nx1x4hx4w low-res logits, Nx1 predicted IoU). Single-mask output."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return self.decode_tokens(embeddings, sparse, dense)
+
+    def forward_labelled(
+        self,
+        embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same head on prompts in ``segment_anything/utils/onnx.py``'s form: NxPx2 coords and
+        NxP float labels (-1 padding, 0/1 points, 2/3 box corners), Nx1xHxW ``mask_input`` and N
+        ``has_mask_input`` flags. Branch-free, so one exported graph serves every prompt mode;
+        :func:`labelled_prompts` converts :meth:`forward`'s arguments to this form."""
+        pe = self.prompt_encoder
+        emb = pe.pe_layer.forward_with_coords(point_coords + 0.5, pe.input_image_size)
+        labels = point_labels.unsqueeze(-1)
+        emb = emb * (labels != -1) + pe.not_a_point_embed.weight * (labels == -1)
+        for i in range(pe.num_point_embeddings):
+            emb = emb + pe.point_embeddings[i].weight * (labels == i)
+        has = has_mask_input.reshape(-1, 1, 1, 1)
+        dense = has * pe.mask_downscaling(mask_input) + (1 - has) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return self.decode_tokens(embeddings, emb, dense)
+
+    def decode_tokens(
+        self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask decoder on already embedded prompts (``MaskDecoder.predict_masks``'s arithmetic)."""
         dec = self.mask_decoder
         n = sparse.shape[0]
         tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
@@ -168,3 +215,41 @@ def resize_mask_input(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size, mode="bilinear", align_corners=False)
+
+
+def labelled_prompts(
+    n: int,
+    mask_size: tuple[int, int],
+    points: tuple[torch.Tensor, torch.Tensor] | None = None,
+    boxes: torch.Tensor | None = None,
+    mask_input: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """:meth:`PromptHead.forward`'s prompts for ``n`` instances -> the inputs of
+    :meth:`PromptHead.forward_labelled` (and of the exported decoder graphs).
+
+    Token order follows ``PromptEncoder``: points, then the box corners (labels 2 and 3); points
+    without a box get SAM's padding point (0, 0) labelled -1, as ``PromptEncoder`` pads them.
+    """
+    coords, labels = [], []
+    if points is not None:
+        coords.append(points[0].float())
+        labels.append(points[1].float())
+    if boxes is not None:
+        coords.append(boxes.float().reshape(n, 2, 2))
+        labels.append(torch.tensor([2.0, 3.0], device=boxes.device).expand(n, 2))
+    elif points is not None:
+        coords.append(torch.zeros(n, 1, 2, device=points[0].device))
+        labels.append(torch.full((n, 1), -1.0, device=points[0].device))
+    if not coords:
+        raise ValueError("a decoder call needs points, a box or both")
+    if mask_input is None:
+        mask, has = torch.zeros(n, 1, *mask_size), torch.zeros(n)
+    else:
+        mask, has = resize_mask_input(mask_input.float(), mask_size), torch.ones(n)
+    return {
+        "point_coords": torch.cat(coords, dim=1).to(device),
+        "point_labels": torch.cat(labels, dim=1).to(device),
+        "mask_input": mask.to(device),
+        "has_mask_input": has.to(device),
+    }

@@ -1,0 +1,118 @@
+"""ONNX Runtime engine: the graphs ``cp-export onnx`` wrote, on the CPU or on CUDA.
+
+On ``cuda`` it needs ``onnxruntime-gpu`` and binds torch's device tensors to the graphs' inputs
+and outputs (IO binding), so embeddings and logits stay on the GPU between stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cp_deploy.bundle import Bundle
+from cp_deploy.engines.manifest import GRAPHS, EngineError, check_sources, read_manifest, resolve_shape
+from cp_deploy.models.sam import labelled_prompts
+
+_DTYPES = {"float32": (np.float32, torch.float32), "int64": (np.int64, torch.int64)}
+
+
+def _hint(bundle: Bundle, folder: Path) -> str:
+    return f"export them with: cp-export onnx --bundle {bundle.root} --out {folder}"
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise EngineError(
+            "--engine onnxruntime needs ONNX Runtime: pip install 'curriculum-prompting[onnx]' "
+            "(or '[gpu]' for onnxruntime-gpu)"
+        ) from e
+    return onnxruntime
+
+
+class OnnxRuntimeEngine:
+    """Runs ``encoder``, ``detector``, ``keypoints``, ``box`` and ``refine`` graphs of one folder."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", onnx_dir: str | Path | None = None,
+                 threads: int = 0) -> None:
+        ort = import_onnxruntime()
+        self.folder = Path(onnx_dir) if onnx_dir is not None else bundle.root / "onnx"
+        hint = _hint(bundle, self.folder)
+        self.manifest = read_manifest(self.folder, hint)
+        check_sources(self.manifest, bundle, self.folder, hint)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise EngineError(
+                    "--engine onnxruntime --device cuda needs onnxruntime-gpu (this onnxruntime has only "
+                    f"{', '.join(ort.get_available_providers())}): pip install 'curriculum-prompting[gpu]', "
+                    "or use --device cpu"
+                )
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.sessions = {}
+        for name in GRAPHS:
+            path = self.folder / self.manifest["graphs"][name]["file"]
+            if not path.is_file():
+                raise EngineError(f"{path}: graph file is missing; {hint}")
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
+                raise EngineError(f"{path}: cannot load the ONNX graph ({str(e).splitlines()[0]}); {hint}") from e
+        self.mask_size = tuple(self.manifest["graphs"]["box"]["inputs"][3].shape[-2:])
+
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run one graph; inputs and outputs are torch tensors on :attr:`device`."""
+        spec = self.manifest["graphs"][graph]
+        if self.device.type != "cuda":
+            arrays = {t.name: feeds[t.name].detach().cpu().numpy().astype(_DTYPES[t.dtype][0], copy=False)
+                      for t in spec["inputs"]}
+            return [torch.from_numpy(o) for o in self.sessions[graph].run(None, arrays)]
+        binding = self.sessions[graph].io_binding()
+        dims: dict[str, int] = {}
+        keep = []
+        for t in spec["inputs"]:
+            x = feeds[t.name].to(self.device, _DTYPES[t.dtype][1]).contiguous()
+            keep.append(x)
+            dims.update({d: x.shape[i] for i, d in enumerate(t.shape) if isinstance(d, str)})
+            binding.bind_input(t.name, "cuda", self.device.index or 0, _DTYPES[t.dtype][0], tuple(x.shape),
+                               x.data_ptr())
+        outs = []
+        for t in spec["outputs"]:
+            y = torch.empty(resolve_shape(t, dims), dtype=_DTYPES[t.dtype][1], device=self.device)
+            binding.bind_output(t.name, "cuda", self.device.index or 0, _DTYPES[t.dtype][0], tuple(y.shape),
+                                y.data_ptr())
+            outs.append(y)
+        self.sessions[graph].run_with_iobinding(binding)
+        return outs
+
+    # -- the Engine protocol ----------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.run("encoder", {"images": images})[0]
+
+    def detect(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        name = self.manifest["graphs"]["detector"]["inputs"][0].name
+        heatmap, size, offset = self.run("detector", {name: inputs})
+        return {"heatmap": heatmap, "size": size, "offset": offset}
+
+    def keypoints(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        return self.run("keypoints", {"features": features, "rois": rois})[0]
+
+    def decode(
+        self,
+        head: str,
+        embeddings: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        feeds = labelled_prompts(len(embeddings), self.mask_size, points, boxes, mask_input, self.device)
+        logits, iou = self.run(head, {"image_embeddings": embeddings, **feeds})
+        return logits, iou
