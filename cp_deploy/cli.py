@@ -4,40 +4,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from cp_deploy import MissingExtraError
 from cp_deploy.bundle import PROMPT_MODES, BundleError
 from cp_deploy.engines.manifest import EngineError
 from cp_deploy.io import InputError
 from cp_deploy.models.weights import WeightsError
 
-USER_ERRORS = (BundleError, EngineError, InputError, WeightsError, NotImplementedError, FileNotFoundError)
+USER_ERRORS = (
+    BundleError, EngineError, InputError, WeightsError, NotImplementedError, FileNotFoundError, MissingExtraError,
+)
 
 
 def _batch(args: argparse.Namespace) -> int:
-    import torch
-
-    from cp_deploy.bundle import load_bundle
-    from cp_deploy.engines import create_engine
-    from cp_deploy.executors.local import run_folder
+    from cp_deploy.executors import PipelineFactory
     from cp_deploy.formats import ReadOptions
-    from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
+    from cp_deploy.pipeline import PipelineOptions
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bundle = load_bundle(args.bundle)
-    engine = create_engine(args.engine, bundle, device=args.device, graphs=args.graphs, threads=args.threads,
-                           precision=args.precision, compile=args.compile)
     options = PipelineOptions(
         prompts=args.prompts, edge_label=args.edge_label, mode=args.mode,
         score_threshold=args.score_threshold, max_instances=args.max_instances, min_instances=args.min_instances,
     )
-    pipeline = CurriculumPipeline(bundle, engine, options)
-    summary = run_folder(
-        pipeline, args.input, args.output, batch_size=args.batch_size, overlays=args.overlays,
-        resume=args.resume, workers=args.workers, progress=not args.no_progress,
-        read_options=ReadOptions(slice_axis=args.slice_axis, include_uids=args.include_uids),
-    )
+    device = "cuda" if args.executor == "ray" and args.gpus_per_worker and args.device == "cpu" else args.device
+    # Absolute paths: Ray workers do not share the driver's working directory.
+    bundle, graphs = (os.path.abspath(p) if p else None for p in (args.bundle, args.graphs))
+    factory = PipelineFactory(bundle, args.engine, device, options, args.threads, graphs, args.precision,
+                              args.compile)
+    common = {"batch_size": args.batch_size, "overlays": args.overlays, "resume": args.resume,
+              "progress": not args.no_progress}
+    if args.executor == "ray":
+        from cp_deploy.executors.ray import run_folder_ray
+
+        summary = run_folder_ray(factory, args.input, args.output, num_workers=args.num_workers,
+                                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=max(1, args.threads),
+                                 address=args.ray_address, **common)
+    else:
+        from cp_deploy.executors.local import run_folder
+
+        summary = run_folder(factory(), args.input, args.output, workers=args.workers, **common,
+                             read_options=ReadOptions(slice_axis=args.slice_axis, include_uids=args.include_uids))
     print(f"cp-deploy: {summary.line()}")
     return 1 if summary.failed else 0
 
@@ -106,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NIfTI volumes: voxel axis to slice along (default: the axis of largest voxel spacing)")
     b.add_argument("--include-uids", action="store_true",
                    help="DICOM: write study/series/SOP instance UIDs to results.jsonl (names, IDs and dates never are)")
+    b.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: a Ray cluster (needs the 'ray' extra)")
+    b.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join, e.g. HEAD:6379 (default: RAY_ADDRESS, else a local one)")
+    b.add_argument("--num-workers", type=int, default=1, help="Ray actors, each with its own copy of the models")
+    b.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per Ray actor (with --device cpu, >0 switches the actors to cuda)")
     b.set_defaults(func=_batch)
 
     e = sub.add_parser("eval", help="mDice and mIoU of predicted masks against ground truth",

@@ -14,6 +14,7 @@ from cp_deploy.bundle import EDGE_LABELS, StageSpec, load_bundle
 from cp_deploy.models.build import build_models, stage_entry
 from cp_deploy.pipeline import PipelineOptions
 from cp_deploy.preprocess import PreprocessConfig
+from cp_train import distributed
 from cp_train.bundle_io import derive_bundle
 from cp_train.data import EmbeddingCache, carve_validation, load_samples, read_split
 from cp_train.evaluate import evaluate
@@ -80,8 +81,10 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
     meta = {f"trained_{stage}": {"data": str(Path(args.data).name), "split": Path(args.split).name,
                                   "train_images": len(train_names), "val_images": len(val_names),
                                   "epochs": cfg.epochs, "seconds": round(time.perf_counter() - t0)}}
-    derive_bundle(base, args.out, replace, metadata={"trained": True, **meta}, prompt=prompt)
-    print(f"[{stage}] wrote bundle {args.out} in {time.perf_counter() - t0:.0f} s")
+    if distributed.is_main():
+        derive_bundle(base, args.out, replace, metadata={"trained": True, **meta}, prompt=prompt)
+        print(f"[{stage}] wrote bundle {args.out} in {time.perf_counter() - t0:.0f} s")
+    distributed.barrier()  # the next stage, on every rank, starts from this bundle
     return Path(args.out)
 
 
@@ -151,10 +154,12 @@ def tune_detection(spec, models, net, val, val_emb, work: Path) -> dict:
         spec.prompt = dataclasses.replace(spec.prompt, **g)
         r = evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"))
         rows.append({**g, **r})
-        print(f"[detector] val {g}: mDice {r['mDice']:.4f}", flush=True)
+        if distributed.is_main():
+            print(f"[detector] val {g}: mDice {r['mDice']:.4f}", flush=True)
         if best is None or r["mDice"] > best[1]:
             best = (g, r["mDice"])
-    (work / "detector" / "tuning.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if distributed.is_main():
+        (work / "detector" / "tuning.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return best[0]
 
 
@@ -190,9 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Also the entry point of every rank under ``torchrun --nproc-per-node N``: ``--batch-size``
+    is then per rank (the global batch is N times it)."""
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    created = distributed.init_from_env()
+    try:
+        return _run(args)
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not distributed.is_main():
+        args.no_progress = True
     base = Path(args.base) if args.base else None
     if base is None:
         from cp_deploy.bundle import default_bundle_path
@@ -201,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
         base = train_stage(stage, args, base)
-    print(json.dumps({"bundle": str(args.out), "stages": list(stages)}))
+    if distributed.is_main():
+        print(json.dumps({"bundle": str(args.out), "stages": list(stages)}))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from cp_deploy.bundle import Bundle
 from cp_deploy.io import IMAGE_EXTENSIONS, read_image, read_mask
 from cp_deploy.preprocess import preprocess_image, resize_longest_side, to_rgb_uint8
+from cp_train import distributed
 
 
 class DataError(RuntimeError):
@@ -129,13 +131,22 @@ class EmbeddingCache:
         x, _ = preprocess_image(sample.image, self.cfg)
         emb = self.encode(x[None])[0].to(torch.float16).cpu()
         self.encoder_calls += 1
-        tmp = p.with_suffix(".tmp")
+        tmp = p.with_suffix(f".{os.getpid()}.tmp")  # ranks sharing the folder never share a temp file
         torch.save(emb, tmp)
         tmp.replace(p)
         return emb
 
     def fill(self, samples: list[Sample], progress: bool = True) -> torch.Tensor:
-        """All embeddings of ``samples`` stacked (N x C x h x w, fp16), computing the missing ones."""
+        """All embeddings of ``samples`` stacked (N x C x h x w, fp16), computing the missing ones.
+
+        Under ``torchrun`` each rank first computes the missing embeddings of its share of
+        ``samples``, then, once all have, every rank reads the whole set from the shared folder."""
+        if distributed.world_size() > 1:
+            mine = [samples[i] for i in distributed.shard(samples)]
+            for s in tqdm(mine, desc="embeddings (this rank)", unit="img", disable=not progress):
+                if not self.path(s.name).is_file():
+                    self.get(s)
+            distributed.barrier()
         out = [self.get(s) for s in tqdm(samples, desc="embeddings", unit="img", disable=not progress)]
         return torch.stack(out)
 

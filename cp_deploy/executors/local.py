@@ -67,7 +67,7 @@ def output_names(files: list[Path]) -> dict[str, str]:
     return {f.as_posix(): (_stem(f) if stems[_stem(f)] == 1 else f.as_posix()) + ".png" for f in files}
 
 
-def _decode(path: Path, options: ReadOptions) -> tuple[Decoded | Exception, float]:
+def decode_timed(path: Path, options: ReadOptions | None = None) -> tuple[Decoded | Exception, float]:
     t0 = time.perf_counter()
     try:
         return read_input(path, options), (time.perf_counter() - t0) * 1000
@@ -80,14 +80,14 @@ def _prefetch(pool: ThreadPoolExecutor, root: Path, files: list[Path], depth: in
     pending: deque = deque()
     it = iter(files)
     for f in it:
-        pending.append((f, pool.submit(_decode, root / f, options)))
+        pending.append((f, pool.submit(decode_timed, root / f, options)))
         if len(pending) >= depth:
             break
     while pending:
         f, fut = pending.popleft()
         nxt = next(it, None)
         if nxt is not None:
-            pending.append((nxt, pool.submit(_decode, root / nxt, options)))
+            pending.append((nxt, pool.submit(decode_timed, root / nxt, options)))
         yield f, *fut.result()
 
 
@@ -141,6 +141,38 @@ def result_record(rel: str, mask_rel: str, result: ImageResult) -> dict:
     }
 
 
+def write_outputs(out: Path, rel: str, mask_rel: str, image: np.ndarray | None, result: ImageResult | str,
+                  decode_ms: float, overlays: bool) -> dict:
+    """Write one image's mask (and overlay) atomically and return its record; ``result`` is the
+    error message of an image that failed. Every executor writes through here, so their outputs agree."""
+    if not isinstance(result, ImageResult):
+        return {"path": rel, "status": "error", "error": result}
+    t0 = time.perf_counter()
+    rec = result_record(rel, mask_rel, result)
+    write_mask(out / rec["mask"], result.mask)
+    if overlays:
+        from cp_deploy.visualize import draw_overlay
+
+        ov_rel = f"overlays/{Path(mask_rel).with_suffix('.jpg').as_posix()}"
+        atomic_write_bytes(out / ov_rel, encode_image(draw_overlay(to_rgb_uint8(image), result), ".jpg"))
+        rec["overlay"] = ov_rel
+    rec["timings_ms"]["decode"] = round(decode_ms, 3)
+    rec["timings_ms"]["write"] = round((time.perf_counter() - t0) * 1000, 3)
+    return rec
+
+
+def segment_batch(pipeline: CurriculumPipeline, images: list[np.ndarray], labels: list[str]) -> list[ImageResult | str]:
+    """``pipeline.predict`` on a batch; an image that breaks it gets an error message naming it
+    (``labels[i]``) and the others are still segmented."""
+    try:
+        return list(pipeline.predict(images))
+    except Exception as e:
+        if len(images) == 1:
+            return [f"{labels[0]}: segmentation failed: {e!r}"]
+    # Isolate the image that breaks the batch instead of failing all of them.
+    return [segment_batch(pipeline, [im], [lab])[0] for im, lab in zip(images, labels)]
+
+
 class _Writer(threading.Thread):
     """Background writer: masks and overlays atomically, then the journal record."""
 
@@ -162,33 +194,18 @@ class _Writer(threading.Thread):
             except BaseException as e:  # surfaced to the main thread
                 self.error = e
 
-    def _write(self, rel: str | None, mask_rel: str, image: np.ndarray | None, result: ImageResult | None,
+    def _write(self, rel: str | None, mask_rel: str, image: np.ndarray | None, result: ImageResult | str | None,
                error: str | None, decode_ms: float, source: _Source | None = None) -> None:
         if rel is None:  # every frame of ``source`` was done in an earlier run
             self._finish(source)
             return
-        if result is None:
-            rec = {"path": rel, "status": "error", "error": error}
-            if source is None:
-                self.journal.append([rec])
-            else:
-                self._frame_done(source, rel, rec, None)
-            return
-        t0 = time.perf_counter()
-        rec = result_record(rel, mask_rel, result)
-        write_mask(self.out / rec["mask"], result.mask)
-        if self.overlays:
-            from cp_deploy.visualize import draw_overlay
-
-            ov_rel = f"overlays/{Path(mask_rel).with_suffix('.jpg').as_posix()}"
-            atomic_write_bytes(self.out / ov_rel, encode_image(draw_overlay(to_rgb_uint8(image), result), ".jpg"))
-            rec["overlay"] = ov_rel
-        rec["timings_ms"]["decode"] = round(decode_ms, 3)
-        rec["timings_ms"]["write"] = round((time.perf_counter() - t0) * 1000, 3)
+        ok = isinstance(result, ImageResult)
+        rec = write_outputs(self.out, rel, mask_rel, image, result if ok else (error or str(result)), decode_ms,
+                            self.overlays)
         if source is None:
             self.journal.append([rec])
         else:
-            self._frame_done(source, rel, rec, result.mask)
+            self._frame_done(source, rel, rec, result.mask if ok else None)
 
     def _frame_done(self, source: _Source, key: str, rec: dict, mask: np.ndarray | None) -> None:
         if source.multi:
@@ -248,6 +265,20 @@ class _Writer(threading.Thread):
             raise RuntimeError(f"writing outputs failed: {self.error}") from self.error
 
 
+def plan_run(root: Path, out: Path, resume: bool, medical: bool = False
+             ) -> tuple[list[Path], dict[str, str], RunJournal, list[Path]]:
+    """Every input, its mask name, the run journal (earlier records loaded on ``resume``, else
+    cleared) and the inputs still to do. ``medical`` also lists DICOM and NIfTI files."""
+    files = discover_images(root, medical=medical)
+    journal = RunJournal(out)
+    if resume:
+        journal.load()
+    else:
+        journal.reset()
+    done = journal.done()
+    return files, output_names(files), journal, [f for f in files if f.as_posix() not in done]
+
+
 def run_folder(
     pipeline: CurriculumPipeline,
     input_dir: str | Path,
@@ -266,15 +297,8 @@ def run_folder(
     t_start = time.perf_counter()
     root, out = Path(input_dir), Path(output_dir)
     read_options = read_options or ReadOptions()
-    files = discover_images(root, medical=True)
-    names = output_names(files)
-    journal = RunJournal(out)
-    if resume:
-        journal.load()
-    else:
-        journal.reset()
+    files, names, journal, todo = plan_run(root, out, resume, medical=True)
     done = journal.done()
-    todo = [f for f in files if f.as_posix() not in done]
     skipped = sum(journal.records[f.as_posix()].get("frames", 1) for f in files if f.as_posix() in done)
     writer = _Writer(out, journal, overlays)
     writer.start()
@@ -285,22 +309,13 @@ def run_folder(
         nonlocal ok, failed
         if not batch:
             return
-        try:
-            results = pipeline.predict([im for _, _, im, _, _ in batch])
-        except Exception as e:
-            if len(batch) > 1:
-                # Isolate the image that breaks the batch instead of failing all of them.
-                for item in batch:
-                    flush([item])
-                return
-            key, mask_rel, _, dms, src = batch[0]
-            writer.put(key, mask_rel, None, None, f"{root}/{key}: segmentation failed: {e!r}", dms, src)
-            failed += 1
-            bar.update(1)
-            return
+        results = segment_batch(pipeline, [im for _, _, im, _, _ in batch], [f"{root}/{key}" for key, *_ in batch])
         for (key, mask_rel, im, dms, src), res in zip(batch, results):
             writer.put(key, mask_rel, im, res, None, dms, src)
-            ok += 1
+            if isinstance(res, ImageResult):
+                ok += 1
+            else:
+                failed += 1
         bar.update(len(batch))
 
     try:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cp_train import distributed
+
 
 @dataclass
 class LoopConfig:
@@ -39,6 +41,10 @@ def fit(
     model is validated, ``last.pt`` (model, optimiser, epoch, best) is written atomically and, on
     a new best, ``best.pt``; with ``cfg.resume`` training continues after the last saved epoch.
     AdamW with a cosine schedule over ``cfg.epochs``.
+
+    Under ``torchrun`` ``train_epoch`` gets the model wrapped in DistributedDataParallel, every
+    rank validates (the same data, so they agree on the best epoch) and rank 0 alone writes the
+    checkpoints and the log; they hold the unwrapped weights, so any world size can resume them.
     """
     work = Path(work_dir) / name
     work.mkdir(parents=True, exist_ok=True)
@@ -49,38 +55,44 @@ def fit(
     start, best, best_state = 0, -1.0, None
     last, best_path, log = work / "last.pt", work / "best.pt", work / "log.jsonl"
     if cfg.resume and last.is_file():
-        ck = torch.load(last, weights_only=False)
+        ck = torch.load(last, weights_only=False, map_location="cpu")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start, best = ck["epoch"] + 1, ck["best"]
-        print(f"[{name}] resuming after epoch {ck['epoch'] + 1}/{cfg.epochs} (best mDice {best:.4f})")
-    else:  # a fresh run: forget an earlier run's log and checkpoints in the same folder
+        if distributed.is_main():
+            print(f"[{name}] resuming after epoch {ck['epoch'] + 1}/{cfg.epochs} (best mDice {best:.4f})")
+    elif distributed.is_main():  # a fresh run: forget an earlier run's log and checkpoints in the same folder
         for stale in (log, last, best_path):
             stale.unlink(missing_ok=True)
+    distributed.barrier()  # no rank reads this folder before rank 0 has settled it
+    trained = distributed.wrap(model)
     torch.manual_seed(cfg.seed + start)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        loss = train_epoch(model, opt, epoch)
+        loss = train_epoch(trained, opt, epoch)
         sched.step()
         model.eval()
         with torch.no_grad():
             val = validate(model)
         rec = {"epoch": epoch + 1, "loss": round(float(loss), 5), **{k: round(float(v), 5) for k, v in val.items()},
                "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 1)}
-        with log.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
         improved = val["mDice"] > best
         if improved:
             best = val["mDice"]
-            _atomic_save({"model": model.state_dict(), "epoch": epoch, "val": val}, best_path)
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "epoch": epoch, "best": best}, last)
-        print(f"[{name}] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} "
-              + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + (" *best*" if improved else ""), flush=True)
+        if distributed.is_main():
+            with log.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if improved:
+                _atomic_save({"model": model.state_dict(), "epoch": epoch, "val": val}, best_path)
+            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "epoch": epoch, "best": best}, last)
+            print(f"[{name}] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} "
+                  + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + (" *best*" if improved else ""), flush=True)
+        distributed.barrier()  # best.pt is read by every rank at the end
     if best_path.is_file():
-        best_state = torch.load(best_path, weights_only=False)["model"]
+        best_state = torch.load(best_path, weights_only=False, map_location="cpu")["model"]
     return best_state if best_state is not None else model.state_dict()
 
 
@@ -89,17 +101,26 @@ def shuffled_epoch(
     loss_fn: Callable[[np.ndarray, np.random.Generator], torch.Tensor],
 ) -> float:
     """One pass over ``n`` items in a seeded random order: ``loss_fn(indices, rng)`` gives each
-    batch's loss, which is back-propagated and stepped. Returns the mean loss."""
+    batch's loss, which is back-propagated and stepped. Returns the mean loss.
+
+    With N ranks each global batch of N x ``batch_size`` is split between them (the same order on
+    every rank, from the same seed), and the returned loss is the mean over ranks."""
     rng = np.random.default_rng(seed + epoch)
     order = rng.permutation(n)
+    world = distributed.world_size()
+    if world > 1:  # each rank its own augmentation noise; one stream would repeat it across ranks
+        rng = np.random.default_rng([seed + epoch, distributed.rank()])
     losses = []
-    for i in range(0, n, batch_size):
-        loss = loss_fn(order[i : i + batch_size], rng)
+    for i in range(0, n, batch_size * world):
+        idx = distributed.rank_share(order[i : i + batch_size * world])
+        if idx is None:
+            continue
+        loss = loss_fn(idx, rng)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return float(np.mean(losses))
+    return distributed.mean_across_ranks(float(np.mean(losses)))
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
