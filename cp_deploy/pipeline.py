@@ -25,7 +25,7 @@ from torchvision.ops import nms
 
 from cp_deploy.bundle import EDGE_LABELS, PROMPT_MODES, Bundle
 from cp_deploy.engines.base import Engine
-from cp_deploy.models.detector import decode_centernet
+from cp_deploy.models.detector import decode_detections
 from cp_deploy.models.keypoints import decode_heatmaps, expand_boxes
 from cp_deploy.preprocess import Frame, PreprocessConfig, postprocess_masks, preprocess_image, to_rgb_uint8
 
@@ -92,7 +92,6 @@ class CurriculumPipeline:
         self.sam_cfg = bundle.preprocess
         self.det_cfg = bundle.detector.preprocess or self.sam_cfg
         self.kp_cfg = bundle.keypoints.preprocess or self.sam_cfg
-        self.detector_stride = float(bundle.detector.config.get("stride", 1))
 
     # -- helpers --------------------------------------------------------------------------------
     def _inputs(
@@ -133,7 +132,8 @@ class CurriculumPipeline:
             raw = self.engine.detect(det_x)
         self.engine.join()
         out = []
-        for (b, s), fr in zip(decode_centernet(raw, self.detector_stride), det_frames):
+        spec = self.bundle.detector
+        for (b, s), fr in zip(decode_detections(spec.arch, raw, spec.config), det_frames):
             b = torch.from_numpy(fr.boxes_to_original(b.cpu().numpy())).float()
             out.append(self._select(b, s.cpu().float()))
         return out

@@ -89,14 +89,23 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
 
 
 def _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, work):
-    """The image-reading EfficientNet-Lite0 CenterNet, or the CenterNet head on the embedding."""
+    """Grounding DINO or the EfficientNet-Lite0 CenterNet on the image, or the CenterNet head on the
+    embedding."""
     import copy
 
-    from cp_train.trainers.detector import embedding_batches, image_batches, make_train_epoch
+    from cp_train.trainers.detector import box_batches, embedding_batches, image_batches, make_train_epoch, set_loss
 
     spec = copy.copy(base)
     frozen: list = []
-    if args.detector_arch == "lite0_centernet":
+    loss = None
+    if args.detector_arch == "grounding_dino":
+        net, det_cfg, pre = _grounding_dino(args, base, models)
+        train = load_samples(args.data, train_names, max_side=pre.image_size, progress=not args.no_progress)
+        batch_fn = box_batches(train, pre)
+        loss = set_loss
+        entry = stage_entry("grounding_dino", det_cfg, "image", pre.to_dict())
+        spec.detector = StageSpec("grounding_dino", det_cfg, "image", None, None, pre)
+    elif args.detector_arch == "lite0_centernet":
         from cp_deploy.models.efficientnet import Lite0CenterNet
 
         det_cfg = {"fpn": 64, "stride": 8}
@@ -128,7 +137,7 @@ def _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, w
         models.detector = model
         return evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"))
 
-    epoch_fn = make_train_epoch(len(train), batch_fn, cfg.batch_size, args.seed)
+    epoch_fn = make_train_epoch(len(train), batch_fn, cfg.batch_size, args.seed, loss)
 
     def train_epoch(model, opt, epoch):
         for m in frozen:
@@ -139,6 +148,25 @@ def _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, w
     state = fit("detector", net, params, train_epoch, validate, cfg, work)
     net.load_state_dict(state)
     return state, entry, tune_detection(spec, models, net, val, val_emb, work)
+
+
+def _grounding_dino(args, base, models):
+    """Grounding DINO to fine-tune: from the local weights directory ``--gdino-weights``, or the
+    base bundle's own when it has one; returns (net, bundle config with absolute paths, preprocess)."""
+    from cp_deploy.models.detector import build_detector
+
+    if args.gdino_weights:
+        det_cfg = {"pretrained": str(Path(args.gdino_weights).resolve())}
+        pre = PreprocessConfig(image_size=args.detector_size, normalize="meanstd")
+        return build_detector("grounding_dino", det_cfg, base.prompt.text), det_cfg, pre
+    if base.detector.arch != "grounding_dino":
+        raise SystemExit("cp-train detector --detector-arch grounding_dino needs --gdino-weights DIR (a local "
+                         "Grounding DINO directory, e.g. grounding-dino-tiny) or a --base bundle with one")
+    det_cfg = dict(base.detector.config)
+    for key in ("tokenizer", "pretrained"):
+        if det_cfg.get(key) is not None:
+            det_cfg[key] = str((base.root / det_cfg[key]).resolve())
+    return models.detector, det_cfg, base.detector.preprocess or base.preprocess
 
 
 def tune_detection(spec, models, net, val, val_emb, work: Path) -> dict:
@@ -181,8 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-4 for SAM heads)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of --split held out for validation")
     p.add_argument("--max-images", type=int, default=0, help="train on at most this many images (0: all)")
-    p.add_argument("--detector-arch", default="lite0_centernet", choices=["lite0_centernet", "embedding_centernet"],
-                   help="detector: EfficientNet-Lite0 on the image, or a head on the SAM embedding")
+    p.add_argument("--detector-arch", default="lite0_centernet",
+                   choices=["lite0_centernet", "embedding_centernet", "grounding_dino"],
+                   help="detector: EfficientNet-Lite0 on the image, a head on the SAM embedding, or Grounding "
+                   "DINO prompted with the bundle's prompt.text")
+    p.add_argument("--gdino-weights", default=None,
+                   help="local Grounding DINO directory (config.json, weights, tokenizer) to fine-tune from; "
+                   "default: the --base bundle's Grounding DINO")
     p.add_argument("--detector-size", type=int, default=256, help="detector input size (longest side)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "curriculum-prompting"),
                    help="embedding cache folder")

@@ -6,7 +6,10 @@ Graphs and their tensors (strings are dynamic axes):
 graph      inputs                                                outputs
 =========  ====================================================  ==================================
 encoder    images [batch,3,S,S]                                  image_embeddings [batch,C,h,w]
-detector   images [batch,3,D,D] or image_embeddings [batch,...]  heatmap, size, offset [batch,.,H,W]
+detector   images [batch,3,D,D] or image_embeddings [batch,...]  the detector's ``output_names``:
+                                                                 CenterNet heatmap, size, offset
+                                                                 [batch,.,H,W]; Grounding DINO
+                                                                 logits, boxes [batch,queries,.]
 keypoints  features [batch,...], rois [instances,5]              heatmaps [instances,8,H,W]
 box        image_embeddings [instances,C,h,w],                   low_res_logits [instances,1,4h,4w],
 refine     point_coords [instances,points,2],                    iou_predictions [instances,1]
@@ -45,15 +48,16 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 
 class DetectorGraph(nn.Module):
-    """The detector with its dict of maps as three named outputs."""
+    """The detector with its dict of raw tensors as outputs, in its ``output_names`` order."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         self.detector = detector
+        self.output_names = tuple(detector.output_names)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.detector(x)
-        return out["heatmap"], out["size"], out["offset"]
+        return tuple(out[k] for k in self.output_names)
 
 
 class DecoderGraph(nn.Module):
@@ -128,16 +132,20 @@ def graph_modules(models: Models, precision: str = "fp32") -> dict[str, nn.Modul
     return modules
 
 
-OUTPUTS = {
+FIXED_OUTPUTS = {
     "encoder": ["image_embeddings"],
-    "detector": ["heatmap", "size", "offset"],
     "keypoints": ["heatmaps"],
     "box": ["low_res_logits", "iou_predictions"],
     "refine": ["low_res_logits", "iou_predictions"],
 }
 
 
-def _dynamic_axes(name: str, inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
+def graph_outputs(models: Models) -> dict[str, list[str]]:
+    """Output names of every graph; the detector declares its own (``output_names``)."""
+    return {**FIXED_OUTPUTS, "detector": list(models.detector.output_names)}
+
+
+def _dynamic_axes(name: str, inputs: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, dict[int, str]]:
     if name in ("box", "refine"):
         axes = {k: {0: "instances"} for k in inputs}
         axes["point_coords"] = {0: "instances", 1: "points"}
@@ -145,7 +153,7 @@ def _dynamic_axes(name: str, inputs: dict[str, torch.Tensor]) -> dict[str, dict[
         return {**axes, "low_res_logits": {0: "instances"}, "iou_predictions": {0: "instances"}}
     if name == "keypoints":
         return {"features": {0: "batch"}, "rois": {0: "instances"}, "heatmaps": {0: "instances"}}
-    return {k: {0: "batch"} for k in [*inputs, *OUTPUTS[name]]}
+    return {k: {0: "batch"} for k in [*inputs, *outputs]}
 
 
 def _specs(names: list[str], tensors: list[torch.Tensor], axes: dict[str, dict[int, str]]) -> list[TensorSpec]:
@@ -153,16 +161,17 @@ def _specs(names: list[str], tensors: list[torch.Tensor], axes: dict[str, dict[i
             for n, t in zip(names, tensors)]
 
 
-def export_graph(name: str, module: nn.Module, inputs: dict[str, torch.Tensor], path: Path,
+def export_graph(name: str, module: nn.Module, inputs: dict[str, torch.Tensor], path: Path, output_names: list[str],
                  opset: int = OPSET, external_data: bool | None = None) -> dict:
-    """Trace ``module`` on ``inputs`` into ``path``; returns the graph's manifest entry."""
+    """Trace ``module`` on ``inputs`` into ``path`` with outputs ``output_names``; returns the
+    graph's manifest entry."""
     import onnx
 
     module = module.eval()
     with torch.no_grad(), fp32_normalisation(module):
         outputs = module(*inputs.values())
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    axes = _dynamic_axes(name, inputs)
+    axes = _dynamic_axes(name, inputs, output_names)
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     external = big if external_data is None else external_data
     tmp = path.with_name(path.name + ".partial")
@@ -170,7 +179,7 @@ def export_graph(name: str, module: nn.Module, inputs: dict[str, torch.Tensor], 
         # The tracer warns about Python ints taken from shapes; spatial sizes are fixed per bundle.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=OUTPUTS[name],
+            module, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=output_names,
             dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
         )
     model = onnx.load(str(tmp))
@@ -189,7 +198,7 @@ def export_graph(name: str, module: nn.Module, inputs: dict[str, torch.Tensor], 
         "external_data": data if external else None,
         "sha256": sha256_file(path),
         "inputs": [s.to_json() for s in _specs(list(inputs), list(inputs.values()), axes)],
-        "outputs": [s.to_json() for s in _specs(OUTPUTS[name], list(outputs), axes)],
+        "outputs": [s.to_json() for s in _specs(output_names, list(outputs), axes)],
     }
 
 
@@ -207,10 +216,12 @@ def export_onnx(bundle: Bundle, models: Models, out: str | Path, opset: int = OP
     out.mkdir(parents=True, exist_ok=True)
     inputs = sample_inputs(bundle, models)
     modules = graph_modules(models, precision)
+    outputs = graph_outputs(models)
     graphs = {}
     for name in GRAPHS:
         t0 = time.perf_counter()
-        graphs[name] = export_graph(name, modules[name], inputs[name], out / f"{name}.onnx", opset, external_data)
+        graphs[name] = export_graph(name, modules[name], inputs[name], out / f"{name}.onnx", outputs[name], opset,
+                                    external_data)
         if progress:
             print(f"cp-export: {name}.onnx written in {time.perf_counter() - t0:.1f} s", flush=True)
     manifest = {

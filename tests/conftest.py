@@ -41,3 +41,55 @@ def image_dir(tmp_path):
     d = tmp_path / "in"
     make_images(d, 5)
     return d
+
+
+# A tiny Grounding DINO (Swin of 4 one-block stages, BERT of one layer, d_model 32, 10 queries) on
+# 128-pixel inputs: the smallest size whose coarsest feature level (stride 64) keeps 2x2 cells for
+# its GroupNorm at batch 1.
+GDINO_SIZE = 128
+TINY_GDINO = {
+    "backbone_config": {"model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2],
+                        "window_size": 4, "out_indices": [2, 3, 4], "image_size": GDINO_SIZE},
+    "text_config": {"model_type": "bert", "vocab_size": 1040, "hidden_size": 32, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 32},
+    "d_model": 32, "encoder_layers": 1, "decoder_layers": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+    "encoder_attention_heads": 2, "decoder_attention_heads": 2, "num_queries": 10, "max_text_len": 16,
+    "encoder_n_points": 2, "decoder_n_points": 2,
+}
+
+
+def write_tiny_vocab(path: Path) -> Path:
+    """A BERT WordPiece vocab with [CLS], [SEP], '.' and '?' at the ids Grounding DINO's text masks
+    hard-code (101, 102, 1012, 1029), as in bert-base-uncased, and a few words."""
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += ["polyp", "lesion", "a", "the", "tumor", "of", "in", "colon", "##s"]
+    vocab += [f"[filler{i}]" for i in range(len(vocab), 1012)] + ["."]
+    vocab += [f"[filler{i}]" for i in range(len(vocab), 1029)] + ["?"]
+    vocab += [f"[filler{i}]" for i in range(len(vocab), TINY_GDINO["text_config"]["vocab_size"])]
+    path.write_text("\n".join(vocab) + "\n")
+    return path
+
+
+def make_gdino_bundle(base, out: Path, seed: int = 0, text: str = "polyp"):
+    """``base`` with a seeded random tiny Grounding DINO as its detector (vocab.txt in the bundle)."""
+    import torch
+
+    from cp_deploy.models.build import stage_entry
+    from cp_deploy.models.detector import build_detector
+    from cp_deploy.preprocess import PreprocessConfig
+    from cp_train.bundle_io import derive_bundle
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_tiny_vocab(out / "vocab.txt")
+    torch.manual_seed(seed)
+    cfg = {"model_config": TINY_GDINO, "tokenizer": "vocab.txt"}
+    net = build_detector("grounding_dino", cfg, text, out)
+    pre = PreprocessConfig(image_size=GDINO_SIZE, normalize="meanstd").to_dict()
+    return derive_bundle(base, out, {"detector": (stage_entry("grounding_dino", cfg, "image", pre), net)},
+                         prompt={"text": text, "score_threshold": 0.0, "max_instances": 3})
+
+
+@pytest.fixture(scope="session")
+def gdino_bundle(tiny_bundle, tmp_path_factory):
+    pytest.importorskip("transformers", reason="the gdino extra is not installed: pip install '.[gdino]'")
+    return make_gdino_bundle(tiny_bundle, tmp_path_factory.mktemp("gdino"))

@@ -37,12 +37,17 @@ class TensorSpec:
 
 def bundle_sources(bundle: Bundle) -> dict[str, str | None]:
     """sha256 of each weight file the graphs are built from (``None``: base weights of a pip
-    package, hash-checked when loaded)."""
+    package, hash-checked when loaded), and the text prompt where the detector's graph holds it."""
+    from cp_deploy.models.detector import TEXT_PROMPTED
     from cp_deploy.models.weights import sha256_file
 
     refs = {"sam": bundle.sam, "box": bundle.box_head, "refine": bundle.refine_head,
             "detector": bundle.detector, "keypoints": bundle.keypoints}
-    return {k: r.sha256 or (sha256_file(r.file) if r.file is not None else None) for k, r in refs.items()}
+    out = {k: r.sha256 or (sha256_file(r.file) if r.file is not None else None) for k, r in refs.items()}
+    if bundle.detector.arch in TEXT_PROMPTED:
+        # The prompt's features are constants of the detector graph: another text needs a new export.
+        out["prompt.text"] = bundle.prompt.text
+    return out
 
 
 def resolve_shape(spec: TensorSpec, dims: dict[str, int]) -> tuple[int, ...]:

@@ -98,9 +98,9 @@ class OnnxRuntimeEngine:
         return self.run("encoder", {"images": images})[0]
 
     def detect(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        name = self.manifest["graphs"]["detector"]["inputs"][0].name
-        heatmap, size, offset = self.run("detector", {name: inputs})
-        return {"heatmap": heatmap, "size": size, "offset": offset}
+        graph = self.manifest["graphs"]["detector"]
+        outs = self.run("detector", {graph["inputs"][0].name: inputs})
+        return {t.name: y for t, y in zip(graph["outputs"], outs)}
 
     def join(self) -> None:
         """Every call has finished, or is ordered on the caller's stream, when it returns."""

@@ -38,7 +38,7 @@ def build_models(bundle: Bundle) -> Models:
         heads[name] = head.eval()
     stages = {}
     for name, spec, builder in (
-        ("detector", bundle.detector, build_detector),
+        ("detector", bundle.detector, lambda a, c: build_detector(a, c, bundle.prompt.text, bundle.root)),
         ("keypoints", bundle.keypoints, build_keypoint_net),
     ):
         net = builder(spec.arch, spec.config)

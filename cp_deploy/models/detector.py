@@ -1,12 +1,16 @@
 """The detector interface and its small CenterNet-style implementation on the SAM embedding.
 
 A detector is an ``nn.Module`` whose ``forward`` maps a batch (the preprocessed image or the SAM
-image embedding, as its ``reads`` says) to raw output maps, plus a pure ``decode`` that turns
-those maps into candidate boxes (xyxy, in the pixels of the detector's input frame) with scores.
-Keeping decoding outside ``forward`` lets every engine (torch, ONNX Runtime, TensorRT) share it.
+image embedding, as its ``reads`` says) to a dict of raw tensors named by its ``output_names``
+(the exported graph's outputs, in that order), plus a pure decode, chosen per arch by
+:func:`decode_detections`, that turns them into candidate boxes (xyxy, in the pixels of the
+detector's input frame) with scores. Keeping decoding outside ``forward`` lets every engine
+(torch, ONNX Runtime, TensorRT) share it.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,7 @@ class EmbeddingCenterNet(nn.Module):
     per embedding cell. ``stride`` is model-input pixels per embedding cell."""
 
     reads = "embedding"
+    output_names = ("heatmap", "size", "offset")
 
     def __init__(self, in_channels: int = 256, hidden: int = 64, stride: int = 4) -> None:
         super().__init__()
@@ -66,12 +71,37 @@ def decode_centernet(
     return out
 
 
-def build_detector(arch: str, config: dict) -> nn.Module:
-    """A detector from its bundle entry (``arch`` and ``config``)."""
+DETECTOR_ARCHS = ("embedding_centernet", "lite0_centernet", "grounding_dino")
+# Detectors conditioned on the bundle's ``prompt.text`` (baked into their exported graphs).
+TEXT_PROMPTED = ("grounding_dino",)
+
+
+def build_detector(arch: str, config: dict, text: str = "polyp", root: str | Path | None = None) -> nn.Module:
+    """A detector from its bundle entry (``arch`` and ``config``). ``text`` is the bundle's prompt
+    (for text-prompted detectors); relative paths in ``config`` are resolved against ``root``."""
     if arch == "embedding_centernet":
         return EmbeddingCenterNet(**config)
     if arch == "lite0_centernet":
         from cp_deploy.models.efficientnet import Lite0CenterNet
 
         return Lite0CenterNet(**config)
-    raise ValueError(f"unknown detector arch {arch!r}; known: embedding_centernet, lite0_centernet")
+    if arch == "grounding_dino":
+        from cp_deploy.models.grounding_dino import GroundingDinoDetector
+
+        cfg = dict(config)
+        for key in ("tokenizer", "pretrained"):
+            if cfg.get(key) is not None and root is not None:
+                cfg[key] = Path(root) / cfg[key]  # an absolute path stays as it is
+        return GroundingDinoDetector(text, **cfg)
+    raise ValueError(f"unknown detector arch {arch!r}; known: {', '.join(DETECTOR_ARCHS)}")
+
+
+def decode_detections(arch: str, raw: dict[str, torch.Tensor], config: dict
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The decode of detector ``arch`` (with its bundle ``config``): raw outputs -> per image
+    (Kx4 xyxy boxes in the detector's input pixels, K scores), best first."""
+    if arch == "grounding_dino":
+        from cp_deploy.models.grounding_dino import decode_grounding_dino
+
+        return decode_grounding_dino(raw)
+    return decode_centernet(raw, float(config.get("stride", 1)))

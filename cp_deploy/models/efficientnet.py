@@ -59,6 +59,7 @@ class Lite0CenterNet(nn.Module):
     """CenterNet on EfficientNet-Lite0 features (strides 8, 16, 32) merged top-down at stride 8."""
 
     reads = "image"
+    output_names = ("heatmap", "size", "offset")
 
     def __init__(self, fpn: int = 64, stride: int = 8, pretrained: bool = False) -> None:
         super().__init__()

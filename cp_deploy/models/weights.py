@@ -73,6 +73,13 @@ def save_state_dict(module_or_state: nn.Module | dict, path: str | Path, dtype: 
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     state = {k: v.contiguous() for k, v in state.items()}
+    # Tied weights (Grounding DINO's box heads) share storage, which safetensors refuses: each
+    # name gets its own copy, and a strict load writes the same values into the one parameter.
+    seen: set[int] = set()
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        state[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp))

@@ -1,4 +1,5 @@
-"""Detector training: CenterNet targets from mask instances, focal + L1 losses."""
+"""Detector training from mask instances: CenterNet targets with focal + L1 losses, or boxes for a
+set-prediction detector (Grounding DINO) that computes its own loss."""
 
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def _stack(xs: list[torch.Tensor], targets: list[dict]) -> tuple[torch.Tensor, d
     return torch.stack(xs), {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
 
 
+def _augmented(sample: Sample, cfg: PreprocessConfig, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+    """An augmented, preprocessed image and its instances' boxes (Kx4 xyxy, input pixels)."""
+    img, mask = augment(sample.image, sample.mask, rng)
+    x, frame = preprocess_image(img, cfg)
+    boxes = np.array([i.box for i in mask_instances(mask)]).reshape(-1, 4)
+    return x, frame.boxes_to_input(boxes)
+
+
 def image_batches(samples: list[Sample], cfg: PreprocessConfig, stride: int):
     """Batches for a detector that reads the image: augmented, preprocessed, CenterNet targets."""
     grid = cfg.image_size // stride
@@ -47,14 +56,28 @@ def image_batches(samples: list[Sample], cfg: PreprocessConfig, stride: int):
     def batch(idx: np.ndarray, rng: np.random.Generator):
         xs, targets = [], []
         for j in idx:
-            img, mask = augment(samples[j].image, samples[j].mask, rng)
-            x, frame = preprocess_image(img, cfg)
-            boxes = np.array([i.box for i in mask_instances(mask)]).reshape(-1, 4)
+            x, boxes = _augmented(samples[j], cfg, rng)
             xs.append(x)
-            targets.append(centernet_targets(frame.boxes_to_input(boxes), grid, stride))
+            targets.append(centernet_targets(boxes, grid, stride))
         return _stack(xs, targets)
 
     return batch
+
+
+def box_batches(samples: list[Sample], cfg: PreprocessConfig):
+    """Batches for a set-prediction detector (Grounding DINO): augmented, preprocessed images and
+    per image its boxes (Kx4 float tensor, input pixels)."""
+
+    def batch(idx: np.ndarray, rng: np.random.Generator):
+        pairs = [_augmented(samples[j], cfg, rng) for j in idx]
+        return torch.stack([x for x, _ in pairs]), [torch.from_numpy(b).float() for _, b in pairs]
+
+    return batch
+
+
+def set_loss(model, x: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+    """The detector's own set loss (its ``forward`` with target boxes)."""
+    return model(x, boxes)["loss"]
 
 
 def embedding_batches(samples: list[Sample], embeddings: torch.Tensor, cfg: PreprocessConfig):
@@ -80,13 +103,14 @@ def detector_loss(raw: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> t
     return centernet_focal(raw["heatmap"], t["heatmap"]) + 0.5 * size + off
 
 
-def make_train_epoch(n: int, batch_fn, batch_size: int, seed: int):
-    """One epoch over ``n`` samples; ``batch_fn(indices, rng)`` gives (inputs, targets)."""
+def make_train_epoch(n: int, batch_fn, batch_size: int, seed: int, loss=None):
+    """One epoch over ``n`` samples; ``batch_fn(indices, rng)`` gives (inputs, targets) and
+    ``loss(model, inputs, targets)`` the batch loss (default: CenterNet's, :func:`detector_loss`)."""
 
     def train_epoch(model, opt, epoch: int) -> float:
         def loss_fn(idx, rng):
             x, t = batch_fn(idx, rng)
-            return detector_loss(model(x), t)
+            return detector_loss(model(x), t) if loss is None else loss(model, x, t)
 
         return shuffled_epoch(n, batch_size, seed, epoch, opt, loss_fn)
 
