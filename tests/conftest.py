@@ -59,15 +59,10 @@ TINY_GDINO = {
 
 
 def write_tiny_vocab(path: Path) -> Path:
-    """A BERT WordPiece vocab with [CLS], [SEP], '.' and '?' at the ids Grounding DINO's text masks
-    hard-code (101, 102, 1012, 1029), as in bert-base-uncased, and a few words."""
-    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab += ["polyp", "lesion", "a", "the", "tumor", "of", "in", "colon", "##s"]
-    vocab += [f"[filler{i}]" for i in range(len(vocab), 1012)] + ["."]
-    vocab += [f"[filler{i}]" for i in range(len(vocab), 1029)] + ["?"]
-    vocab += [f"[filler{i}]" for i in range(len(vocab), TINY_GDINO["text_config"]["vocab_size"])]
-    path.write_text("\n".join(vocab) + "\n")
-    return path
+    from cp_deploy.models.grounding_dino import write_synthetic_vocab
+
+    words = ("polyp", "lesion", "a", "the", "tumor", "of", "in", "colon", "##s")
+    return write_synthetic_vocab(path, TINY_GDINO["text_config"]["vocab_size"], words)
 
 
 def make_gdino_bundle(base, out: Path, seed: int = 0, text: str = "polyp"):

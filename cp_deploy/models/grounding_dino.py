@@ -72,6 +72,21 @@ def load_tokenizer(path: str | Path):
     return transformers.BertTokenizerFast(vocab=vocab)
 
 
+def write_synthetic_vocab(path: str | Path, size: int, words: tuple[str, ...] = ()) -> Path:
+    """A WordPiece ``vocab.txt`` for random-weight models (tests, speed checks): [CLS], [SEP], '.'
+    and '?' at the ids Grounding DINO's text masks hard-code (101, 102, 1012, 1029, as in
+    bert-base-uncased), then ``words``, and fillers up to ``size`` entries."""
+    if size < 1030:
+        raise ValueError("the vocab needs at least 1030 entries (Grounding DINO's special ids reach 1029)")
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    vocab += [f"[filler{i}]" for i in range(len(vocab), 1012)] + ["."]
+    vocab += [f"[filler{i}]" for i in range(len(vocab), 1029)] + ["?"]
+    vocab += [f"[filler{i}]" for i in range(len(vocab), size)]
+    path = Path(path)
+    path.write_text("\n".join(vocab) + "\n")
+    return path
+
+
 def caption(text: str) -> str:
     """The prompt as Grounding DINO was trained on it: lower case, ending in a full stop."""
     text = text.strip().lower()
