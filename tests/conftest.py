@@ -61,30 +61,13 @@ TINY_GDINO = {
 def write_tiny_vocab(path: Path) -> Path:
     from cp_deploy.models.grounding_dino import write_synthetic_vocab
 
-    words = ("polyp", "lesion", "a", "the", "tumor", "of", "in", "colon", "##s")
-    return write_synthetic_vocab(path, TINY_GDINO["text_config"]["vocab_size"], words)
-
-
-def make_gdino_bundle(base, out: Path, seed: int = 0, text: str = "polyp"):
-    """``base`` with a seeded random tiny Grounding DINO as its detector (vocab.txt in the bundle)."""
-    import torch
-
-    from cp_deploy.models.build import stage_entry
-    from cp_deploy.models.detector import build_detector
-    from cp_deploy.preprocess import PreprocessConfig
-    from cp_train.bundle_io import derive_bundle
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_tiny_vocab(out / "vocab.txt")
-    torch.manual_seed(seed)
-    cfg = {"model_config": TINY_GDINO, "tokenizer": "vocab.txt"}
-    net = build_detector("grounding_dino", cfg, text, out)
-    pre = PreprocessConfig(image_size=GDINO_SIZE, normalize="meanstd").to_dict()
-    return derive_bundle(base, out, {"detector": (stage_entry("grounding_dino", cfg, "image", pre), net)},
-                         prompt={"text": text, "score_threshold": 0.0, "max_instances": 3})
+    return write_synthetic_vocab(path, TINY_GDINO["text_config"]["vocab_size"])
 
 
 @pytest.fixture(scope="session")
-def gdino_bundle(tiny_bundle, tmp_path_factory):
+def gdino_bundle(tmp_path_factory):
+    """The tiny bundle with a seeded random tiny Grounding DINO as detector; threshold 0 and 3
+    instances, so every image yields 3 boxes."""
     pytest.importorskip("transformers", reason="the gdino extra is not installed: pip install '.[gdino]'")
-    return make_gdino_bundle(tiny_bundle, tmp_path_factory.mktemp("gdino"))
+    return init_bundle(tmp_path_factory.mktemp("gdino"), "tiny", seed=0, gdino=TINY_GDINO, detector_size=GDINO_SIZE,
+                       prompt={"text": "polyp", "score_threshold": 0.0, "max_instances": 3})

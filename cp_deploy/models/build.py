@@ -14,6 +14,7 @@ from cp_deploy.models.detector import build_detector
 from cp_deploy.models.keypoints import build_keypoint_net
 from cp_deploy.models.sam import PromptHead, build_sam, default_preprocess, load_sam
 from cp_deploy.models.weights import load_strict, read_state_dict, save_state_dict
+from cp_deploy.preprocess import PreprocessConfig
 
 
 @dataclass
@@ -101,13 +102,17 @@ def init_bundle(
     seed: int = 0,
     name: str | None = None,
     prompt: dict | None = None,
+    gdino: dict | None = None,
+    detector_size: int = 800,
 ) -> Bundle:
     """A bundle with seeded random detector and keypoint heads on the embedding.
 
     The SAM weights come from ``sam_checkpoint`` (or LiteMedSAM's package); without a checkpoint
     a vit_h/l/b/tiny SAM is seeded random too and saved into the bundle (speed does not depend on
     the values). The box and refine heads start as the base
-    SAM's own prompt encoder and mask decoder.
+    SAM's own prompt encoder and mask decoder. With ``gdino`` (a ``GroundingDinoConfig`` as a
+    dict; ``{}`` is the public Swin-T model's size) the detector is instead a seeded random
+    Grounding DINO on ``detector_size`` px images, with a synthetic ``vocab.txt`` in the bundle.
     """
     torch.manual_seed(seed)
     channels, side = embedding_shape(sam_arch)
@@ -117,8 +122,20 @@ def init_bundle(
     sam_entry: dict = {"arch": sam_arch, "checkpoint": sam_checkpoint}
     if sam_arch != "lite_medsam" and sam_checkpoint is None:  # seeded random SAM (tests, speed checks)
         weights["sam"] = build_sam(sam_arch)
-    det_cfg = {"in_channels": channels, "hidden": 64, "stride": stride}
-    detector = build_detector("embedding_centernet", det_cfg)
+    text = {"text": "polyp", **(prompt or {})}["text"]
+    if gdino is None:
+        det_cfg = {"in_channels": channels, "hidden": 64, "stride": stride}
+        detector = build_detector("embedding_centernet", det_cfg)
+        det_entry = stage_entry("embedding_centernet", det_cfg, "embedding")
+    else:
+        from cp_deploy.models.grounding_dino import write_synthetic_vocab
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_synthetic_vocab(Path(out) / "vocab.txt", gdino.get("text_config", {}).get("vocab_size", 30522))
+        det_cfg = {"model_config": gdino, "tokenizer": "vocab.txt"}
+        detector = build_detector("grounding_dino", det_cfg, text, out)
+        det_pre = PreprocessConfig(image_size=detector_size, normalize="meanstd").to_dict()
+        det_entry = stage_entry("grounding_dino", det_cfg, "image", det_pre)
     kp_cfg = {"in_channels": channels, "hidden": 64, "crop_size": 16, "spatial_scale": 1.0 / stride, "margin": 0.15}
     keypoints = build_keypoint_net("embedding_heatmap", kp_cfg)
     weights.update(detector=detector, keypoints=keypoints)
@@ -127,7 +144,7 @@ def init_bundle(
         "sam": sam_entry,
         "preprocess": pre.to_dict(),
         "heads": {"box": None, "refine": None},
-        "detector": stage_entry("embedding_centernet", det_cfg, "embedding"),
+        "detector": det_entry,
         "keypoints": stage_entry("embedding_heatmap", kp_cfg, "embedding"),
         "prompt": {"text": "polyp", "mode": "all", "score_threshold": 0.3, "nms_iou": 0.5,
                    "max_instances": 5, "edge_label": "negative", **(prompt or {})},

@@ -72,7 +72,10 @@ def load_tokenizer(path: str | Path):
     return transformers.BertTokenizerFast(vocab=vocab)
 
 
-def write_synthetic_vocab(path: str | Path, size: int, words: tuple[str, ...] = ()) -> Path:
+SYNTHETIC_WORDS = ("polyp", "lesion", "tumor", "nodule", "a", "the", "of", "in", "colon", "##s")
+
+
+def write_synthetic_vocab(path: str | Path, size: int, words: tuple[str, ...] = SYNTHETIC_WORDS) -> Path:
     """A WordPiece ``vocab.txt`` for random-weight models (tests, speed checks): [CLS], [SEP], '.'
     and '?' at the ids Grounding DINO's text masks hard-code (101, 102, 1012, 1029, as in
     bert-base-uncased), then ``words``, and fillers up to ``size`` entries."""
