@@ -1,6 +1,6 @@
 """The GPU check of the export issue: export, parity against torch fp32, and time, on one card.
 
-    python -m benchmarks.gpu_check [--out DIR] [--skip-vit-h]
+    python -m benchmarks.gpu_check [--out DIR] [--skip-vit-h] [--gdino]
 
 For the tiny bundle and a ViT-H-sized bundle of seeded random weights (speed and the export path
 do not depend on the values): ``cp-export onnx`` (ViT-H with external data), then each engine
@@ -9,6 +9,12 @@ runs (per-graph max logit difference on random and recorded real calls, final ma
 torch on CUDA, ONNX Runtime (CPU EP, or CUDA EP with onnxruntime-gpu), and TensorRT fp32 and fp16
 when ``tensorrt`` imports. Prints one table; writes ``gpu_check.json``. Every step is timed and
 a failing step is a row with its error, so the table always comes out.
+
+``--gdino`` adds the paper's detector at production size: the tiny SAM with a seeded random
+Grounding DINO of the public Swin-T model's shape (BERT-base text encoder, 900 queries) on 800 px
+images (needs the ``gdino`` extra: transformers, tokenizers, scipy and their pure-Python
+dependencies as wheels in ``.whl/``). Community reports call its TensorRT export fragile; the
+rows record what happens, failures included.
 """
 
 from __future__ import annotations
@@ -110,15 +116,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="/tmp/cp-gpu-check", help="work folder (graphs, engines, gpu_check.json)")
     ap.add_argument("--skip-vit-h", action="store_true", help="only the tiny bundle")
     ap.add_argument("--images", type=int, default=4, help="synthetic images per parity check")
+    ap.add_argument("--gdino", action="store_true", help="also Grounding DINO (Swin-T size, random) as detector")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
-    bundles = [("tiny", "tiny")] + ([] if args.skip_vit_h else [("vit_h-random", "vit_h")])
-    for name, arch in bundles:
+    bundles = [("tiny", "tiny", None)] + ([] if args.skip_vit_h else [("vit_h-random", "vit_h", None)])
+    if args.gdino:
+        bundles.append(("gdino-swin-t-random", "tiny", {}))
+    for name, arch, gdino in bundles:
         t0 = time.perf_counter()
-        bundle = init_bundle(out / f"{name}-bundle", arch, seed=0, prompt=PROMPT)
+        bundle = init_bundle(out / f"{name}-bundle", arch, seed=0, prompt=PROMPT, gdino=gdino)
         print(f"{name}: bundle written in {time.perf_counter() - t0:.1f} s", flush=True)
         build_models(bundle)  # fail early on a broken bundle
         check_bundle(name, bundle, out, rows, args.images)
