@@ -36,6 +36,24 @@ def make_images(folder: Path, n: int, seed: int = 0, sizes=((96, 128), (131, 77)
     return paths
 
 
+def batch_on_torch_and_onnxruntime(bundle, graphs: Path, tmp_path: Path, n: int) -> tuple[Path, Path]:
+    """``cp-deploy batch`` on ``n`` images with the torch engine and with onnxruntime on ``graphs``;
+    checks that their masks agree and returns both output folders."""
+    from cp_deploy.cli import main as deploy_main
+    from cp_deploy.io import read_mask
+
+    make_images(tmp_path / "in", n)
+    common = ["batch", "--input", str(tmp_path / "in"), "--bundle", str(bundle.root), "--no-progress"]
+    assert deploy_main([*common, "--output", str(tmp_path / "t")]) == 0
+    assert deploy_main([*common, "--output", str(tmp_path / "o"), "--engine", "onnxruntime",
+                        "--graphs", str(graphs)]) == 0
+    masks = sorted((tmp_path / "t" / "masks").glob("*.png"))
+    assert len(masks) == n
+    for p in masks:
+        assert (read_mask(p) == read_mask(tmp_path / "o" / "masks" / p.name)).mean() > 0.999
+    return tmp_path / "t", tmp_path / "o"
+
+
 @pytest.fixture
 def image_dir(tmp_path):
     d = tmp_path / "in"

@@ -18,7 +18,7 @@ from cp_deploy.models.sam import PromptHead, build_sam, labelled_prompts
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 from export.cli import main as export_main
 from export.parity import Tolerance, check_parity, synthetic_images
-from tests.conftest import make_images
+from tests.conftest import batch_on_torch_and_onnxruntime, make_images
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install '.[onnx]'")
 
@@ -114,15 +114,7 @@ def test_external_data_graphs_load(tiny_bundle, tmp_path):
 
 
 def test_cli_batch_with_onnxruntime_matches_torch(tiny_bundle, exported, tmp_path):
-    make_images(tmp_path / "in", 4)
-    common = ["batch", "--input", str(tmp_path / "in"), "--bundle", str(tiny_bundle.root), "--no-progress"]
-    assert deploy_main([*common, "--output", str(tmp_path / "t")]) == 0
-    assert deploy_main([*common, "--output", str(tmp_path / "o"), "--engine", "onnxruntime",
-                        "--graphs", str(exported)]) == 0
-    from cp_deploy.io import read_mask
-
-    for p in sorted((tmp_path / "t" / "masks").glob("*.png")):
-        assert (read_mask(p) == read_mask(tmp_path / "o" / "masks" / p.name)).mean() > 0.999
+    batch_on_torch_and_onnxruntime(tiny_bundle, exported, tmp_path, 4)
 
 
 def _copy(exported: Path, tmp_path: Path) -> Path:
