@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 
 from cp_deploy.models.build import init_bundle
+
+# Never reach the Hugging Face hub (read by huggingface_hub when it is first imported).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 # The random tiny detector scores around 0.1; a low threshold makes it yield instances.
 TINY_PROMPT = {"score_threshold": 0.05, "max_instances": 3}

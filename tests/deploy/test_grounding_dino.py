@@ -5,7 +5,6 @@ torch and onnxruntime engines."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import torch
 from tests.conftest import GDINO_SIZE, TINY_GDINO, batch_on_torch_and_onnxruntime, write_tiny_vocab
 
 pytest.importorskip("transformers", reason="the gdino extra is not installed: pip install '.[gdino]'")
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 from cp_deploy.models.build import build_models  # noqa: E402
 from cp_deploy.models.detector import build_detector, decode_detections  # noqa: E402
@@ -55,6 +53,32 @@ def test_outputs_and_decode_follow_the_detector_contract(vocab):
     best = torch.sigmoid(raw["logits"][0]).amax(-1)
     torch.testing.assert_close(s0, best.sort(descending=True).values)
     torch.testing.assert_close(b0[0], raw["boxes"][0][best.argmax()])
+
+
+def test_local_weights_directory_gives_transformers_own_outputs(vocab, tmp_path):
+    """A Hugging Face directory loads offline, and the cached-text forward equals transformers'
+    own forward that runs BERT on the prompt."""
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+
+    from cp_deploy.models.grounding_dino import load_tokenizer
+
+    torch.manual_seed(1)
+    hf = GroundingDinoForObjectDetection(GroundingDinoConfig(**TINY_GDINO)).eval()
+    hf.save_pretrained(tmp_path / "gdino")
+    load_tokenizer(vocab).save_pretrained(tmp_path / "gdino")
+    det = build_detector("grounding_dino", {"pretrained": "gdino"}, "Polyp", tmp_path).eval()
+    assert det.text == "polyp."
+    x = torch.randn(2, 3, GDINO_SIZE, GDINO_SIZE)
+    enc = load_tokenizer(vocab)(["polyp."] * 2, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf(pixel_values=x, **enc)
+        raw = det(x)
+    torch.testing.assert_close(raw["logits"], ref.logits[..., 1:2], atol=1e-5, rtol=1e-5)  # [CLS] polyp . [SEP]
+    cx, cy, w, h = (ref.pred_boxes * GDINO_SIZE).unbind(-1)
+    torch.testing.assert_close(raw["boxes"], torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1),
+                               atol=1e-4, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="pretrained directory not found"):
+        build_detector("grounding_dino", {"pretrained": "nowhere"}, "polyp", tmp_path)
 
 
 def test_text_is_encoded_once_not_per_image(vocab):
