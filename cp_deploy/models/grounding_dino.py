@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cp_deploy import MissingExtraError
+from cp_deploy.bundle import BundleError
 
 GDINO_EXTRA = "pip install 'curriculum-prompting[gdino]'"
 
@@ -122,7 +123,7 @@ class GroundingDinoDetector(nn.Module):
     def __init__(self, text: str, tokenizer: str | Path | None = None, pretrained: str | Path | None = None,
                  model_config: dict | None = None) -> None:
         super().__init__()
-        transformers, modeling = _modeling()
+        transformers, _ = _modeling()
         if pretrained is not None:
             if not Path(pretrained).is_dir():
                 raise FileNotFoundError(f"grounding_dino pretrained directory not found: {pretrained}")
@@ -137,13 +138,15 @@ class GroundingDinoDetector(nn.Module):
         enc = tok(self.text, return_tensors="pt")
         limit = model.config.max_text_len
         if enc["input_ids"].shape[1] > limit:
-            raise ValueError(f"the text prompt {text!r} is {enc['input_ids'].shape[1]} tokens long; "
-                             f"this Grounding DINO takes at most max_text_len = {limit} tokens")
+            raise BundleError(f"prompt.text {text!r} is {enc['input_ids'].shape[1]} tokens long; this Grounding "
+                              f"DINO takes at most max_text_len = {limit} tokens: shorten the prompt")
         ids = enc["input_ids"]
-        specials = {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, *tok.convert_tokens_to_ids([".", "?"])}
+        # [CLS], [SEP], '.' and '?' delimit phrases; a vocab without '?' maps it to [UNK], a word.
+        delimiters = [i for i in tok.convert_tokens_to_ids([".", "?"]) if i != tok.unk_token_id]
+        specials = {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, *delimiters}
         phrase = [i for i, t in enumerate(ids[0].tolist()) if t not in specials]
         if not phrase:
-            raise ValueError(f"the text prompt {text!r} has no words to ground")
+            raise BundleError(f"prompt.text {text!r} has no words to ground")
         self.model = model
         self.register_buffer("input_ids", ids, persistent=False)
         self.register_buffer("attention_mask", enc["attention_mask"], persistent=False)

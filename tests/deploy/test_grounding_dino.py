@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import GDINO_SIZE, TINY_GDINO, batch_on_torch_and_onnxruntime, write_tiny_vocab
+from tests.conftest import GDINO_SIZE, TINY_GDINO, batch_on_torch_and_onnxruntime, make_images, write_tiny_vocab
 
 pytest.importorskip("transformers", reason="the gdino extra is not installed: pip install '.[gdino]'")
 
@@ -118,9 +118,26 @@ def test_text_masks_equal_transformers_own():
             assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
 
 
-def test_too_long_prompt_names_the_limit(vocab):
-    with pytest.raises(ValueError, match="max_text_len = 16"):
-        _detector(vocab, " ".join(["polyp"] * 20))
+def test_too_long_prompt_names_the_limit(vocab, gdino_bundle, tmp_path, capsys):
+    import shutil
+
+    from cp_deploy.bundle import BundleError
+    from cp_deploy.cli import main as deploy_main
+
+    _detector(vocab, " ".join(["polyp"] * 13))  # [CLS] + 13 + . + [SEP] = 16 tokens: the limit
+    with pytest.raises(BundleError, match="17 tokens long.*max_text_len = 16"):
+        _detector(vocab, " ".join(["polyp"] * 14))
+    with pytest.raises(BundleError, match="no words"):
+        _detector(vocab, " . ")
+    bundle = tmp_path / "long"
+    shutil.copytree(gdino_bundle.root, bundle)
+    spec = json.loads((bundle / "bundle.json").read_text())
+    spec["prompt"]["text"] = "a polyp " * 20
+    (bundle / "bundle.json").write_text(json.dumps(spec))
+    make_images(tmp_path / "in", 1)
+    code = deploy_main(["batch", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--bundle",
+                        str(bundle), "--no-progress"])
+    assert code == 2 and "max_text_len = 16" in capsys.readouterr().err
 
 
 def test_mismatching_checkpoint_lists_the_keys(vocab, tmp_path):
