@@ -167,8 +167,6 @@ def _train_keypoints(args, base, models, train, targets, emb, val, val_emb, cfg,
     pre = PreprocessConfig.from_dict(entry["preprocess"]) if "preprocess" in entry else None
     spec.keypoints = StageSpec(arch, kp_cfg, entry["reads"], None, None, pre)
     if args.keypoint_backbone_checkpoint:
-        if arch != "hrnet":
-            raise SystemExit("cp-train: --keypoint-backbone-checkpoint needs --keypoint-arch hrnet")
         from cp_deploy.models.hrnet import load_backbone
 
         load_backbone(net, args.keypoint_backbone_checkpoint)
@@ -275,6 +273,10 @@ def _run(args: argparse.Namespace) -> int:
 
         base = default_bundle_path()
     stages = STAGES if args.stage == "all" else (args.stage,)
+    hrnet_flags = [f"--keypoint-{k.replace('_', '-')}" for k in ("backbone", "backbone_checkpoint", "crop", "size")
+                   if getattr(args, f"keypoint_{k}")]
+    if hrnet_flags and "keypoints" in stages and (args.keypoint_arch or load_bundle(base).keypoints.arch) != "hrnet":
+        raise SystemExit(f"cp-train: {', '.join(hrnet_flags)} need --keypoint-arch hrnet")
     for stage in stages:
         base = train_stage(stage, args, base)
     if distributed.is_main():
