@@ -28,8 +28,8 @@ def gaussian_heatmap_ce(logits: torch.Tensor, xy: torch.Tensor, sigma: float) ->
     cells around each NxPx2 target (heatmap coordinates, pixel centres at integers).
 
     Cross-entropy rather than per-pixel MSE: every map must commit to one peak (a per-pixel loss
-    lets the sparse peaks drown in background), and the decoder's softmax peak is then a
-    calibrated confidence.
+    lets the sparse peaks drown in background), and the softmax peak that the decoder reports as
+    the point's confidence then has a meaning.
     """
     h, w = logits.shape[-2:]
     yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
