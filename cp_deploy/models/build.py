@@ -14,6 +14,7 @@ from cp_deploy.models.detector import build_detector
 from cp_deploy.models.keypoints import build_keypoint_net
 from cp_deploy.models.sam import PromptHead, build_sam, default_preprocess, load_sam
 from cp_deploy.models.weights import load_strict, read_state_dict, save_state_dict
+from cp_deploy.preprocess import PreprocessConfig
 
 
 @dataclass
@@ -53,6 +54,26 @@ def stage_entry(arch: str, config: dict, reads: str, preprocess: dict | None = N
     if preprocess is not None:
         entry["preprocess"] = preprocess
     return entry
+
+
+def embedding_keypoint_config(channels: int, stride: int) -> dict:
+    """Config of the small heatmap head on a SAM embedding of ``channels`` and ``stride``."""
+    return {"in_channels": channels, "hidden": 64, "crop_size": 16, "spatial_scale": 1.0 / stride, "margin": 0.15}
+
+
+def hrnet_keypoint_config(backbone: str = "hrnet_w32", crop_size: int = 256, head_channels: int = 128) -> dict:
+    """Config of the HRNet keypoint net: 15% box margin, heatmaps of crop/4, target sigma 2 cells."""
+    return {"backbone": backbone, "crop_size": crop_size, "head_channels": head_channels, "margin": 0.15,
+            "sigma": 2.0}
+
+
+def keypoint_entry(arch: str, config: dict, image_size: int) -> dict:
+    """A keypoint net's bundle entry: ``hrnet`` reads the image, resized to ``image_size`` with
+    ImageNet mean/std (timm's HRNet weights expect them, whatever the SAM's own normalization);
+    ``embedding_heatmap`` reads the SAM embedding."""
+    if arch == "hrnet":
+        return stage_entry(arch, config, "image", PreprocessConfig(image_size=image_size).to_dict())
+    return stage_entry(arch, config, "embedding")
 
 
 def write_bundle(
@@ -101,13 +122,15 @@ def init_bundle(
     seed: int = 0,
     name: str | None = None,
     prompt: dict | None = None,
+    keypoints: tuple[str, dict] | None = None,
 ) -> Bundle:
     """A bundle with seeded random detector and keypoint heads on the embedding.
 
     The SAM weights come from ``sam_checkpoint`` (or LiteMedSAM's package); without a checkpoint
     a vit_h/l/b/tiny SAM is seeded random too and saved into the bundle (speed does not depend on
     the values). The box and refine heads start as the base
-    SAM's own prompt encoder and mask decoder.
+    SAM's own prompt encoder and mask decoder. ``keypoints`` (arch, config) replaces the
+    default keypoint head on the embedding, e.g. ``("hrnet", {"backbone": "hrnet_w18_small", ...})``.
     """
     torch.manual_seed(seed)
     channels, side = embedding_shape(sam_arch)
@@ -119,16 +142,15 @@ def init_bundle(
         weights["sam"] = build_sam(sam_arch)
     det_cfg = {"in_channels": channels, "hidden": 64, "stride": stride}
     detector = build_detector("embedding_centernet", det_cfg)
-    kp_cfg = {"in_channels": channels, "hidden": 64, "crop_size": 16, "spatial_scale": 1.0 / stride, "margin": 0.15}
-    keypoints = build_keypoint_net("embedding_heatmap", kp_cfg)
-    weights.update(detector=detector, keypoints=keypoints)
+    kp_arch, kp_cfg = keypoints or ("embedding_heatmap", embedding_keypoint_config(channels, stride))
+    weights.update(detector=detector, keypoints=build_keypoint_net(kp_arch, kp_cfg))
     spec = {
         "name": name or f"{sam_arch}-random-{seed}",
         "sam": sam_entry,
         "preprocess": pre.to_dict(),
         "heads": {"box": None, "refine": None},
         "detector": stage_entry("embedding_centernet", det_cfg, "embedding"),
-        "keypoints": stage_entry("embedding_heatmap", kp_cfg, "embedding"),
+        "keypoints": keypoint_entry(kp_arch, kp_cfg, pre.image_size),
         "prompt": {"text": "polyp", "mode": "all", "score_threshold": 0.3, "nms_iou": 0.5,
                    "max_instances": 5, "edge_label": "negative", **(prompt or {})},
         "metadata": {"trained": False, "seed": seed},
