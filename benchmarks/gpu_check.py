@@ -1,6 +1,6 @@
 """The GPU check of the export issue: export, parity against torch fp32, and time, on one card.
 
-    python -m benchmarks.gpu_check [--out DIR] [--skip-vit-h] [--gdino]
+    python -m benchmarks.gpu_check [--out DIR] [--skip-vit-h] [--keypoints hrnet] [--gdino]
 
 For the tiny bundle and a ViT-H-sized bundle of seeded random weights (speed and the export path
 do not depend on the values): ``cp-export onnx`` (ViT-H with external data), then each engine
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from cp_deploy.engines.torch import TorchEngine
-from cp_deploy.models.build import build_models, init_bundle
+from cp_deploy.models.build import build_models, hrnet_keypoint_config, init_bundle
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 from export.onnx import export_onnx, sample_inputs
 from export.parity import Tolerance, check_parity, synthetic_images
@@ -52,6 +52,26 @@ def _time_pipeline(bundle, engine, images, batch_size: int = 4, repeat: int = 2)
     return (time.perf_counter() - t0) * 1000 / (repeat * len(images))
 
 
+def _time_stages(engine, feeds: dict[str, dict[str, torch.Tensor]], repeat: int = 5) -> dict[str, float]:
+    """ms per call of the image-level stages on ``feeds`` (sample_inputs: batch 2, 3 instances),
+    input copies to the device included."""
+    calls = {"encode": lambda: engine.encode(*feeds["encoder"].values()),
+             "detect": lambda: engine.detect(*feeds["detector"].values()),
+             "keypoints": lambda: engine.keypoints(*feeds["keypoints"].values())}
+    out = {}
+    for stage, call in calls.items():
+        call()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            call()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        out[stage] = round((time.perf_counter() - t0) * 1000 / repeat, 2)
+    return out
+
+
 def check_bundle(name: str, bundle, out: Path, rows: list[dict], n_images: int) -> None:
     cpu = TorchEngine(bundle, device="cpu")
     images = synthetic_images(n_images, seed=3)
@@ -68,7 +88,8 @@ def check_bundle(name: str, bundle, out: Path, rows: list[dict], n_images: int) 
             worst = max(max(d.values()) / max(1.0, rep.scale[g]) for g, d in rep.graphs.items())
             r.update(max_rel_logit_diff=worst, pixels_equal=rep.masks["pixel_agreement_min"],
                      dice_min=rep.masks["dice_min"], passed=not rep.failures, failures=rep.failures,
-                     ms_per_image=_time_pipeline(bundle, engine, images))
+                     ms_per_image=_time_pipeline(bundle, engine, images),
+                     stage_ms=_time_stages(engine, random_inputs))
         except Exception as e:  # a row with the error; the other rows still run
             r.update(passed=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             traceback.print_exc()
@@ -116,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="/tmp/cp-gpu-check", help="work folder (graphs, engines, gpu_check.json)")
     ap.add_argument("--skip-vit-h", action="store_true", help="only the tiny bundle")
     ap.add_argument("--images", type=int, default=4, help="synthetic images per parity check")
+    ap.add_argument("--keypoints", default="embedding_heatmap", choices=["embedding_heatmap", "hrnet"],
+                    help="keypoint net: hrnet is HRNet-W32 on 256-pixel crops in the ViT-H and Grounding DINO "
+                         "bundles (w18-small on 64-pixel crops in the tiny one)")
     ap.add_argument("--gdino", action="store_true", help="also Grounding DINO (Swin-T size, random) as detector")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -127,7 +151,12 @@ def main(argv: list[str] | None = None) -> None:
         bundles.append(("gdino-swin-t-random", "tiny", {}))
     for name, arch, gdino in bundles:
         t0 = time.perf_counter()
-        bundle = init_bundle(out / f"{name}-bundle", arch, seed=0, prompt=PROMPT, gdino=gdino)
+        keypoints = None
+        if args.keypoints == "hrnet":
+            big = arch == "vit_h" or gdino is not None
+            cfg = hrnet_keypoint_config() if big else hrnet_keypoint_config("hrnet_w18_small", 64, 32)
+            keypoints, name = ("hrnet", cfg), f"{name}+{cfg['backbone']}"
+        bundle = init_bundle(out / f"{name}-bundle", arch, seed=0, prompt=PROMPT, keypoints=keypoints, gdino=gdino)
         print(f"{name}: bundle written in {time.perf_counter() - t0:.1f} s", flush=True)
         build_models(bundle)  # fail early on a broken bundle
         check_bundle(name, bundle, out, rows, args.images)
@@ -135,14 +164,15 @@ def main(argv: list[str] | None = None) -> None:
                                                    indent=2) + "\n")
     print(f"\n{device}, torch {torch.__version__}")
     print("| bundle | engine | precision | max rel logit diff | pixels equal (min) | Dice (min) | ms/image | "
-          "passed | s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "encode/detect/keypoints ms | passed | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         def f(key: str, fmt: str, r: dict = r) -> str:
             return format(r[key], fmt) if r.get(key) is not None else "-"
 
         print(f"| {r['bundle']} | {r['engine']} | {r.get('precision', '-')} | {f('max_rel_logit_diff', '.2e')} | "
               f"{f('pixels_equal', '.4%')} | {f('dice_min', '.5f')} | {f('ms_per_image', '.1f')} | "
+              f"{'/'.join(str(v) for v in r['stage_ms'].values()) if r.get('stage_ms') else '-'} | "
               f"{r.get('passed')} | {r.get('seconds', '-')} |" + (f" {r['error']}" if r.get("error") else ""))
 
 

@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 
 from cp_deploy.bundle import EDGE_LABELS, StageSpec, load_bundle
-from cp_deploy.models.build import build_models, stage_entry
+from cp_deploy.models.build import (
+    build_models,
+    embedding_keypoint_config,
+    hrnet_keypoint_config,
+    keypoint_entry,
+    stage_entry,
+)
+from cp_deploy.models.keypoints import build_keypoint_net
 from cp_deploy.pipeline import PipelineOptions
 from cp_deploy.preprocess import PreprocessConfig
 from cp_train import distributed
@@ -48,7 +55,7 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
         state, entry, prompt = _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, work)
         replace = {"detector": (entry, state)}
     else:
-        from cp_train.trainers.sam import instance_targets, make_keypoint_epoch, make_sam_epoch
+        from cp_train.trainers.sam import instance_targets, make_sam_epoch
 
         train = load_samples(args.data, train_names, progress=not args.no_progress)
         with torch.no_grad():
@@ -69,15 +76,8 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
             state = fit(stage, head, list(head.parameters()), fn, validate, cfg, work)
             replace = {head_name: (None, state)}
         else:
-            net = models.keypoints
-
-            def validate(model):
-                models.keypoints = model
-                return evaluate(base, models, val, val_emb, PipelineOptions(prompts="curriculum"), gt_boxes=True)
-
-            fn = make_keypoint_epoch(targets, emb, cfg.batch_size, args.seed, float(base.keypoints.config["margin"]))
-            state = fit("keypoints", net, list(net.parameters()), fn, validate, cfg, work)
-            replace = {"keypoints": (None, state)}
+            state, entry = _train_keypoints(args, base, models, train, targets, emb, val, val_emb, cfg, work)
+            replace = {"keypoints": (entry, state)}
     meta = {f"trained_{stage}": {"data": str(Path(args.data).name), "split": Path(args.split).name,
                                   "train_images": len(train_names), "val_images": len(val_names),
                                   "epochs": cfg.epochs, "seconds": round(time.perf_counter() - t0)}}
@@ -169,6 +169,51 @@ def _grounding_dino(args, base, models):
     return models.detector, det_cfg, base.detector.preprocess or base.preprocess
 
 
+def _train_keypoints(args, base, models, train, targets, emb, val, val_emb, cfg, work):
+    """The keypoint net of ``--keypoint-arch``: the base bundle's own net fine-tuned when it has
+    that arch and config, else a new one; ``hrnet`` trains on crops of the image."""
+    import copy
+
+    from cp_train.trainers.sam import image_reader, instance_targets, make_keypoint_epoch
+
+    old = base.keypoints
+    arch = args.keypoint_arch or old.arch
+    if arch == "hrnet":
+        kp_cfg = dict(old.config) if old.arch == "hrnet" else hrnet_keypoint_config()
+        kp_cfg.update({k: v for k, v in (("backbone", args.keypoint_backbone), ("crop_size", args.keypoint_crop)) if v})
+        size = args.keypoint_size or (old.preprocess or base.preprocess).image_size
+    else:
+        size = base.preprocess.image_size
+        kp_cfg = old.config if old.arch == arch else embedding_keypoint_config(
+            val_emb.shape[1], base.preprocess.image_size // val_emb.shape[-1])
+    entry = keypoint_entry(arch, kp_cfg, size)
+    spec = copy.copy(base)
+    if old.arch == arch and old.config == kp_cfg:
+        net = models.keypoints  # fine-tune the base's own weights
+    else:
+        net = build_keypoint_net(arch, kp_cfg)
+    pre = PreprocessConfig.from_dict(entry["preprocess"]) if "preprocess" in entry else None
+    spec.keypoints = StageSpec(arch, kp_cfg, entry["reads"], None, None, pre)
+    if args.keypoint_backbone_checkpoint:
+        from cp_deploy.models.hrnet import load_backbone
+
+        load_backbone(net, args.keypoint_backbone_checkpoint)
+    kp = spec.keypoints
+    features = emb
+    if kp.reads == "image":
+        low = models.box.mask_input_size[0]
+        targets = instance_targets(train, kp.preprocess.image_size, low)
+        features = image_reader(train, kp.preprocess)
+
+    def validate(model):
+        models.keypoints = model
+        return evaluate(spec, models, val, val_emb, PipelineOptions(prompts="curriculum"), gt_boxes=True)
+
+    fn = make_keypoint_epoch(targets, features, cfg.batch_size, args.seed, float(kp.config["margin"]),
+                             sigma=float(kp.config.get("sigma", 1.5)))
+    return fit("keypoints", net, list(net.parameters()), fn, validate, cfg, work), entry
+
+
 def tune_detection(spec, models, net, val, val_emb, work: Path) -> dict:
     """Pick the score threshold and the minimum instance count on the validation split (never on
     test data) by the mDice of the box pass; logged to WORK/detector/tuning.jsonl."""
@@ -217,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local Grounding DINO directory (config.json, weights, tokenizer) to fine-tune from; "
                    "default: the --base bundle's Grounding DINO")
     p.add_argument("--detector-size", type=int, default=256, help="detector input size (longest side)")
+    p.add_argument("--keypoint-arch", default=None, choices=["embedding_heatmap", "hrnet"],
+                   help="keypoint net: a heatmap head on the SAM embedding, or HRNet on image crops "
+                        "(default: the base bundle's)")
+    p.add_argument("--keypoint-backbone", default=None,
+                   help="timm HRNet variant for --keypoint-arch hrnet (default hrnet_w32; hrnet_w18_small is small)")
+    p.add_argument("--keypoint-backbone-checkpoint", default=None,
+                   help="local timm HRNet checkpoint (e.g. ImageNet) to start the hrnet backbone from")
+    p.add_argument("--keypoint-crop", type=int, default=None,
+                   help="hrnet crop side in pixels, a multiple of 32 (default 256; heatmaps are 1/4 of it)")
+    p.add_argument("--keypoint-size", type=int, default=None,
+                   help="hrnet input size (longest side) the crops are taken from (default: the SAM's)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "curriculum-prompting"),
                    help="embedding cache folder")
     p.add_argument("--work-dir", default=None, help="checkpoints and logs (default: OUT-work)")
@@ -250,6 +306,10 @@ def _run(args: argparse.Namespace) -> int:
 
         base = default_bundle_path()
     stages = STAGES if args.stage == "all" else (args.stage,)
+    hrnet_flags = [f"--keypoint-{k.replace('_', '-')}" for k in ("backbone", "backbone_checkpoint", "crop", "size")
+                   if getattr(args, f"keypoint_{k}")]
+    if hrnet_flags and "keypoints" in stages and (args.keypoint_arch or load_bundle(base).keypoints.arch) != "hrnet":
+        raise SystemExit(f"cp-train: {', '.join(hrnet_flags)} need --keypoint-arch hrnet")
     for stage in stages:
         base = train_stage(stage, args, base)
     if distributed.is_main():

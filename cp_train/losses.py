@@ -1,4 +1,4 @@
-"""Dice + BCE for masks, and CenterNet's focal loss."""
+"""Dice + BCE for masks, CenterNet's focal loss, and the keypoint heatmap loss."""
 
 from __future__ import annotations
 
@@ -21,3 +21,19 @@ def centernet_focal(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     pos_loss = -(torch.log(p) * (1 - p) ** 2 * pos).sum()
     neg_loss = -(torch.log(1 - p) * p**2 * (1 - target) ** 4 * (1 - pos)).sum()
     return (pos_loss + neg_loss) / pos.sum().clamp(min=1)
+
+
+def gaussian_heatmap_ce(logits: torch.Tensor, xy: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Spatial cross-entropy of NxPxHxW heatmap logits against a normalised Gaussian of ``sigma``
+    cells around each NxPx2 target (heatmap coordinates, pixel centres at integers).
+
+    Cross-entropy rather than per-pixel MSE: every map must commit to one peak (a per-pixel loss
+    lets the sparse peaks drown in background), and the softmax peak that the decoder reports as
+    the point's confidence then has a meaning.
+    """
+    h, w = logits.shape[-2:]
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    d2 = (xx - xy[..., 0, None, None]) ** 2 + (yy - xy[..., 1, None, None]) ** 2
+    target = torch.exp(-d2 / (2 * sigma**2)).flatten(2)
+    target = target / target.sum(-1, keepdim=True).clamp(min=1e-8)
+    return -(target * torch.log_softmax(logits.float().flatten(2), -1)).sum(-1).mean()

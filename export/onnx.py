@@ -117,9 +117,9 @@ PRECISIONS = ("fp32", "fp16")
 
 
 def graph_modules(models: Models, precision: str = "fp32") -> dict[str, nn.Module]:
-    """The module each graph is traced from. In fp16 every graph but the keypoint net (small, and
-    RoIAlign has no fp16 kernel everywhere) becomes :class:`HalfPrecision`; trace it inside
-    :func:`fp32_normalisation`."""
+    """The module each graph is traced from. In fp16 every graph but the keypoint net (RoIAlign has
+    no fp16 kernel everywhere; HRNet-W32 stays fp32 too) becomes :class:`HalfPrecision`; trace it
+    inside :func:`fp32_normalisation`."""
     modules = {
         "encoder": models.image_encoder,
         "detector": DetectorGraph(models.detector),

@@ -56,6 +56,26 @@ def stage_entry(arch: str, config: dict, reads: str, preprocess: dict | None = N
     return entry
 
 
+def embedding_keypoint_config(channels: int, stride: int) -> dict:
+    """Config of the small heatmap head on a SAM embedding of ``channels`` and ``stride``."""
+    return {"in_channels": channels, "hidden": 64, "crop_size": 16, "spatial_scale": 1.0 / stride, "margin": 0.15}
+
+
+def hrnet_keypoint_config(backbone: str = "hrnet_w32", crop_size: int = 256, head_channels: int = 128) -> dict:
+    """Config of the HRNet keypoint net: 15% box margin, heatmaps of crop/4, target sigma 2 cells."""
+    return {"backbone": backbone, "crop_size": crop_size, "head_channels": head_channels, "margin": 0.15,
+            "sigma": 2.0}
+
+
+def keypoint_entry(arch: str, config: dict, image_size: int) -> dict:
+    """A keypoint net's bundle entry: ``hrnet`` reads the image, resized to ``image_size`` with
+    ImageNet mean/std (timm's HRNet weights expect them, whatever the SAM's own normalization);
+    ``embedding_heatmap`` reads the SAM embedding."""
+    if arch == "hrnet":
+        return stage_entry(arch, config, "image", PreprocessConfig(image_size=image_size).to_dict())
+    return stage_entry(arch, config, "embedding")
+
+
 def write_bundle(
     out: str | Path,
     spec: dict,
@@ -104,6 +124,7 @@ def init_bundle(
     prompt: dict | None = None,
     gdino: dict | None = None,
     detector_size: int = 800,
+    keypoints: tuple[str, dict] | None = None,
 ) -> Bundle:
     """A bundle with seeded random detector and keypoint heads on the embedding.
 
@@ -113,6 +134,8 @@ def init_bundle(
     SAM's own prompt encoder and mask decoder. With ``gdino`` (a ``GroundingDinoConfig`` as a
     dict; ``{}`` is the public Swin-T model's size) the detector is instead a seeded random
     Grounding DINO on ``detector_size`` px images, with a synthetic ``vocab.txt`` in the bundle.
+    ``keypoints`` (arch, config) replaces the default keypoint head on the embedding, e.g.
+    ``("hrnet", {"backbone": "hrnet_w18_small", ...})``.
     """
     torch.manual_seed(seed)
     channels, side = embedding_shape(sam_arch)
@@ -136,16 +159,15 @@ def init_bundle(
         detector = build_detector("grounding_dino", det_cfg, text, out)
         det_pre = PreprocessConfig(image_size=detector_size, normalize="meanstd").to_dict()
         det_entry = stage_entry("grounding_dino", det_cfg, "image", det_pre)
-    kp_cfg = {"in_channels": channels, "hidden": 64, "crop_size": 16, "spatial_scale": 1.0 / stride, "margin": 0.15}
-    keypoints = build_keypoint_net("embedding_heatmap", kp_cfg)
-    weights.update(detector=detector, keypoints=keypoints)
+    kp_arch, kp_cfg = keypoints or ("embedding_heatmap", embedding_keypoint_config(channels, stride))
+    weights.update(detector=detector, keypoints=build_keypoint_net(kp_arch, kp_cfg))
     spec = {
         "name": name or f"{sam_arch}-random-{seed}",
         "sam": sam_entry,
         "preprocess": pre.to_dict(),
         "heads": {"box": None, "refine": None},
         "detector": det_entry,
-        "keypoints": stage_entry("embedding_heatmap", kp_cfg, "embedding"),
+        "keypoints": keypoint_entry(kp_arch, kp_cfg, pre.image_size),
         "prompt": {"text": "polyp", "mode": "all", "score_threshold": 0.3, "nms_iou": 0.5,
                    "max_instances": 5, "edge_label": "negative", **(prompt or {})},
         "metadata": {"trained": False, "seed": seed},

@@ -1,4 +1,5 @@
-"""The keypoint interface: top-down, 8 edge points per box, and its small heatmap implementation.
+"""The keypoint interface: top-down, 8 edge points per box, and its small heatmap implementation
+(the paper's HRNet is in ``hrnet.py``).
 
 Top-down means: expand the box by a margin, crop it from the features the net reads (the image
 or the SAM embedding) with RoIAlign, predict one heatmap per edge point on the crop, decode the
@@ -99,4 +100,8 @@ def build_keypoint_net(arch: str, config: dict) -> nn.Module:
     """A keypoint net from its bundle entry (``arch`` and ``config``)."""
     if arch == "embedding_heatmap":
         return EmbeddingKeypointNet(**config)
-    raise ValueError(f"unknown keypoint arch {arch!r}; known: embedding_heatmap")
+    if arch == "hrnet":
+        from cp_deploy.models.hrnet import HRNetKeypointNet  # it imports this module
+
+        return HRNetKeypointNet(**config)
+    raise ValueError(f"unknown keypoint arch {arch!r}; known: embedding_heatmap, hrnet")

@@ -1,8 +1,10 @@
 """SAM head training on cached embeddings: ``box`` on jittered GT boxes; ``refine`` on the
-trained box head's coarse logits plus jittered GT edge points labelled with the edge label."""
+trained box head's coarse logits plus jittered GT edge points labelled with the edge label; the
+keypoint net on crops of the embedding or of the image around jittered GT boxes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,9 +12,9 @@ import torch
 
 from cp_deploy.models.keypoints import expand_boxes, image_to_heatmap
 from cp_deploy.models.sam import PromptHead
-from cp_deploy.preprocess import Frame
+from cp_deploy.preprocess import Frame, PreprocessConfig, preprocess_image
 from cp_train.data import Sample, jitter_boxes, lowres_target
-from cp_train.losses import dice_bce
+from cp_train.losses import dice_bce, gaussian_heatmap_ce
 from cp_train.targets import mask_instances
 from cp_train.trainers.loop import shuffled_epoch
 
@@ -81,9 +83,15 @@ def make_sam_epoch(
     return train_epoch
 
 
-def make_keypoint_epoch(targets: InstanceTargets, embeddings: torch.Tensor, batch_size: int, seed: int,
-                        margin: float, sigma: float = 1.5, box_jitter: float = 0.1):
-    """Heatmaps on RoIAlign crops of the embedding around jittered GT boxes."""
+def make_keypoint_epoch(targets: InstanceTargets, features: torch.Tensor | Callable[[list[int]], torch.Tensor],
+                        batch_size: int, seed: int, margin: float, sigma: float = 1.5, box_jitter: float = 0.1):
+    """Heatmaps on RoIAlign crops around jittered GT boxes.
+
+    ``features`` are what the net reads, per image: cached embeddings (a tensor), or a function of
+    image indices giving the preprocessed images (for ``hrnet``); ``targets`` must be in the frame
+    of that input. ``sigma`` is the Gaussian target's, in heatmap cells.
+    """
+    read = features if callable(features) else (lambda imgs: features[imgs].float())
 
     def train_epoch(net, opt, epoch: int) -> float:
         return shuffled_epoch(len(targets.image), batch_size, seed, epoch, opt, lambda idx, rng: step(net, idx, rng))
@@ -91,19 +99,18 @@ def make_keypoint_epoch(targets: InstanceTargets, embeddings: torch.Tensor, batc
     def step(net, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         imgs = sorted(set(targets.image[j] for j in idx))
         local = {g: k for k, g in enumerate(imgs)}
-        feats = embeddings[imgs].float()
+        feats = read(imgs)
         boxes = _to_input(targets, idx, jitter_boxes(targets.boxes[idx], rng, box_jitter), boxes=True)
         crops = expand_boxes(boxes, margin)
         rois = torch.cat([torch.tensor([[float(local[targets.image[j]])] for j in idx]), crops], 1)
         heat = net(feats, rois)
-        hs = heat.shape[-1]
-        gt = image_to_heatmap(_to_input(targets, idx, targets.points[idx], boxes=False), crops, hs)
-        yy, xx = torch.meshgrid(torch.arange(hs).float(), torch.arange(hs).float(), indexing="ij")
-        d2 = (xx - gt[..., 0, None, None]) ** 2 + (yy - gt[..., 1, None, None]) ** 2
-        # Spatial cross-entropy against a normalised Gaussian: every map must commit to one
-        # peak (a per-pixel loss lets the sparse peaks drown in background).
-        target = torch.exp(-d2 / (2 * sigma**2)).flatten(2)
-        target = target / target.sum(-1, keepdim=True).clamp(min=1e-8)
-        return -(target * torch.log_softmax(heat.flatten(2), -1)).sum(-1).mean()
+        gt = image_to_heatmap(_to_input(targets, idx, targets.points[idx], boxes=False), crops, heat.shape[-1])
+        return gaussian_heatmap_ce(heat, gt, sigma)
 
     return train_epoch
+
+
+def image_reader(samples: list[Sample], cfg: PreprocessConfig) -> Callable[[list[int]], torch.Tensor]:
+    """Preprocessed images by index, for a keypoint net that reads the image (made per batch:
+    a 1024-pixel float image is 12 MB)."""
+    return lambda imgs: torch.stack([preprocess_image(samples[i].image, cfg)[0] for i in imgs])
