@@ -88,8 +88,11 @@ def write_tiny_vocab(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def gdino_bundle(tmp_path_factory):
-    """The tiny bundle with a seeded random tiny Grounding DINO as detector; threshold 0 and 3
-    instances, so every image yields 3 boxes."""
+    """The paper's two models, tiny and seeded random: the tiny SAM with Grounding DINO as detector
+    and HRNet (w18-small) as keypoint net; threshold 0 and 3 instances, so every image yields 3."""
+    from cp_deploy.models.build import hrnet_keypoint_config
+
     pytest.importorskip("transformers", reason="the gdino extra is not installed: pip install '.[gdino]'")
     return init_bundle(tmp_path_factory.mktemp("gdino"), "tiny", seed=0, gdino=TINY_GDINO, detector_size=GDINO_SIZE,
+                       keypoints=("hrnet", hrnet_keypoint_config("hrnet_w18_small", crop_size=64, head_channels=32)),
                        prompt={"text": "polyp", "score_threshold": 0.0, "max_instances": 3})

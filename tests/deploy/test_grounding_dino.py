@@ -182,13 +182,18 @@ def test_onnx_export_bakes_the_text_and_keeps_parity(gdino_bundle, gdino_onnx):
     assert not any("text_backbone" in t.name for t in graph.graph.initializer), "BERT's weights were exported"
 
 
-def test_cp_deploy_batch_torch_and_onnxruntime_agree(gdino_bundle, gdino_onnx, tmp_path):
+def test_grounding_dino_and_hrnet_bundle_runs_on_torch_and_onnxruntime(gdino_bundle, gdino_onnx, tmp_path):
+    """The issue's done-when: detector grounding_dino and keypoints hrnet through cp-deploy batch
+    with both engines, on the CPU."""
+    assert (gdino_bundle.detector.arch, gdino_bundle.keypoints.arch) == ("grounding_dino", "hrnet")
     out_t, out_o = batch_on_torch_and_onnxruntime(gdino_bundle, gdino_onnx, tmp_path, 3)
     rows_t = [json.loads(r) for r in (out_t / "results.jsonl").read_text().splitlines()]
     rows_o = [json.loads(r) for r in (out_o / "results.jsonl").read_text().splitlines()]
     assert len(rows_t) == 3 and sum(len(r["instances"]) for r in rows_t) == 9  # threshold 0, 3 per image
     for a, b in zip(rows_t, rows_o):
         np.testing.assert_allclose([i["box"] for i in b["instances"]], [i["box"] for i in a["instances"]], atol=1e-2)
+        np.testing.assert_allclose([i["points"] for i in b["instances"]], [i["points"] for i in a["instances"]],
+                                   atol=0.05)
 
 
 def test_graphs_of_another_prompt_are_refused(gdino_bundle, gdino_onnx, tmp_path):

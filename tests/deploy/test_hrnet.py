@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from cp_deploy.cli import main as deploy_main
 from cp_deploy.models.build import build_models, hrnet_keypoint_config, init_bundle, write_bundle
 from cp_deploy.models.hrnet import HRNetKeypointNet, load_backbone
 from cp_deploy.models.keypoints import build_keypoint_net, decode_heatmaps
 from cp_deploy.models.weights import WeightsError, save_state_dict
-from tests.conftest import TINY_PROMPT, make_images
+from tests.conftest import TINY_PROMPT, batch_on_torch_and_onnxruntime
 
 CONFIG = hrnet_keypoint_config("hrnet_w18_small", crop_size=64, head_channels=32)
 
@@ -86,7 +85,6 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip 
 def test_hrnet_bundle_exports_with_parity_and_runs_on_both_engines(hrnet_bundle, tmp_path):
     """The issue's done-when, for the keypoint half: cp-export onnx (parity checked on its graph
     with dynamic instance counts), then cp-deploy batch with torch and onnxruntime agree."""
-    from cp_deploy.io import read_mask
     from export.cli import main as export_main
 
     graphs = tmp_path / "onnx"
@@ -100,18 +98,12 @@ def test_hrnet_bundle_exports_with_parity_and_runs_on_both_engines(hrnet_bundle,
     assert {"random", "real"} <= set(parity["graphs"]["keypoints"])
     assert max(parity["graphs"]["keypoints"].values()) <= 1e-3 * max(1.0, parity["scale"]["keypoints"])
 
-    make_images(tmp_path / "in", 3)
-    common = ["batch", "--input", str(tmp_path / "in"), "--bundle", str(hrnet_bundle.root), "--no-progress"]
-    assert deploy_main([*common, "--output", str(tmp_path / "t")]) == 0
-    assert deploy_main([*common, "--output", str(tmp_path / "o"), "--engine", "onnxruntime",
-                        "--graphs", str(graphs)]) == 0
-    ref = {r["path"]: r for r in map(json.loads, (tmp_path / "t" / "results.jsonl").read_text().splitlines())}
-    got = {r["path"]: r for r in map(json.loads, (tmp_path / "o" / "results.jsonl").read_text().splitlines())}
+    out_t, out_o = batch_on_torch_and_onnxruntime(hrnet_bundle, graphs, tmp_path, 3)
+    ref = {r["path"]: r for r in map(json.loads, (out_t / "results.jsonl").read_text().splitlines())}
+    got = {r["path"]: r for r in map(json.loads, (out_o / "results.jsonl").read_text().splitlines())}
     assert ref.keys() == got.keys() and len(ref) == 3
     points = [(np.array(i["points"]), np.array(j["points"]))
               for k in ref for i, j in zip(ref[k]["instances"], got[k]["instances"], strict=True)]
     assert points and all(a.shape == (8, 2) for a, _ in points), "the tiny detector should yield instances"
     for a, b in points:
         np.testing.assert_allclose(b, a, atol=0.05)
-    for p in sorted((tmp_path / "t" / "masks").glob("*.png")):
-        assert (read_mask(p) == read_mask(tmp_path / "o" / "masks" / p.name)).mean() > 0.999
