@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from cp_deploy.bundle import Bundle
+from cp_deploy.engines.graphs import GraphEngine
 from cp_deploy.engines.manifest import GRAPHS, EngineError, check_sources, read_manifest, resolve_shape
-from cp_deploy.models.sam import labelled_prompts
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
-class TensorRTEngine:
+class TensorRTEngine(GraphEngine):
     def __init__(self, bundle: Bundle, device: str = "cuda", engine_dir: str | Path | None = None) -> None:
         try:
             import tensorrt as trt
@@ -91,29 +91,3 @@ class TensorRTEngine:
             x.record_stream(self.stream)
         # Reused buffers would be overwritten by the next call with the same shape: hand out copies.
         return [y.clone() for y in outs]
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.run("encoder", {"images": images})[0]
-
-    def detect(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        graph = self.manifest["graphs"]["detector"]
-        outs = self.run("detector", {graph["inputs"][0].name: inputs})
-        return {t.name: y for t, y in zip(graph["outputs"], outs)}
-
-    def join(self) -> None:
-        """Every call has finished, or is ordered on the caller's stream, when it returns."""
-
-    def keypoints(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        return self.run("keypoints", {"features": features, "rois": rois})[0]
-
-    def decode(
-        self,
-        head: str,
-        embeddings: torch.Tensor,
-        points: tuple[torch.Tensor, torch.Tensor] | None = None,
-        boxes: torch.Tensor | None = None,
-        mask_input: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        feeds = labelled_prompts(len(embeddings), self.mask_size, points, boxes, mask_input, self.device)
-        logits, iou = self.run(head, {"image_embeddings": embeddings, **feeds})
-        return logits, iou
