@@ -202,9 +202,11 @@ def test_eval_matches_hand_computed(tmp_path, capsys):
 
 def test_every_flag_has_help():
     from cp_train.cli import build_parser as train_parser
+    from export.cli import build_parser as export_parser
 
-    parser = build_parser()
-    parsers = [*parser._subparsers._group_actions[0].choices.values(), train_parser()]
+    parsers = [train_parser()]
+    for parser in (build_parser(), export_parser()):
+        parsers += parser._subparsers._group_actions[0].choices.values()
     for sub in parsers:
         for action in sub._actions:
             assert action.help, f"{sub.prog} {action.option_strings} has no help"
