@@ -97,10 +97,18 @@ class CurriculumPipeline:
     def _inputs(
         self, images: list[np.ndarray], cfg: PreprocessConfig, cache: dict
     ) -> tuple[torch.Tensor, list[Frame]]:
-        """Preprocess once per distinct config (stages with equal settings share the tensor)."""
+        """Preprocess once per distinct config (stages with equal settings share the tensor).
+
+        For a CUDA engine the batch is staged in pinned memory and copied asynchronously, so the
+        copy overlaps work already queued on the GPU."""
         if cfg not in cache:
             xs, frames = zip(*(preprocess_image(im, cfg) for im in images))
-            cache[cfg] = (torch.stack(xs).to(self.engine.device), list(frames))
+            x = torch.stack(xs)
+            if self.engine.device.type == "cuda":
+                x = x.pin_memory().to(self.engine.device, non_blocking=True)
+            else:
+                x = x.to(self.engine.device)
+            cache[cfg] = (x, list(frames))
         return cache[cfg]
 
     def _select(self, boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
