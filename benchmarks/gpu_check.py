@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.pipeline import run_ours, sync
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.models.build import build_models, hrnet_keypoint_config, init_bundle
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
@@ -38,20 +39,6 @@ from export.parity import Tolerance, check_parity, synthetic_images
 PROMPT = {"score_threshold": 0.0, "min_instances": 1, "max_instances": 3}
 
 
-def _time_pipeline(bundle, engine, images, batch_size: int = 4, repeat: int = 2) -> float:
-    pipe = CurriculumPipeline(bundle, engine, PipelineOptions(prompts="curriculum"))
-    pipe.predict(images[:batch_size])
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        for i in range(0, len(images), batch_size):
-            pipe.predict(images[i : i + batch_size])
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1000 / (repeat * len(images))
-
-
 def _time_stages(engine, feeds: dict[str, dict[str, torch.Tensor]], repeat: int = 5) -> dict[str, float]:
     """ms per call of the image-level stages on ``feeds`` (sample_inputs: batch 2, 3 instances),
     input copies to the device included."""
@@ -61,13 +48,11 @@ def _time_stages(engine, feeds: dict[str, dict[str, torch.Tensor]], repeat: int 
     out = {}
     for stage, call in calls.items():
         call()
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(engine.device.type)
         t0 = time.perf_counter()
         for _ in range(repeat):
             call()
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(engine.device.type)
         out[stage] = round((time.perf_counter() - t0) * 1000 / repeat, 2)
     return out
 
@@ -88,7 +73,8 @@ def check_bundle(name: str, bundle, out: Path, rows: list[dict], n_images: int) 
             worst = max(max(d.values()) / max(1.0, rep.scale[g]) for g, d in rep.graphs.items())
             r.update(max_rel_logit_diff=worst, pixels_equal=rep.masks["pixel_agreement_min"],
                      dice_min=rep.masks["dice_min"], passed=not rep.failures, failures=rep.failures,
-                     ms_per_image=_time_pipeline(bundle, engine, images),
+                     ms_per_image=run_ours(CurriculumPipeline(bundle, engine, PipelineOptions(prompts="curriculum")),
+                                           images * 2, 4, engine.device.type)["ms_per_image"],
                      stage_ms=_time_stages(engine, random_inputs))
         except Exception as e:  # a row with the error; the other rows still run
             r.update(passed=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")

@@ -64,7 +64,8 @@ def load_images(image_dir: str | None, n: int) -> list[np.ndarray]:
     return [pool[i % len(pool)] for i in range(n)]
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so a timer reads its end (a no-op on the CPU)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -85,7 +86,7 @@ def run_ours(pipe: CurriculumPipeline, images: list[np.ndarray], batch_size: int
     for i in range(0, len(images), batch_size):
         t0 = time.perf_counter()
         results = pipe.predict(images[i : i + batch_size])
-        _sync(device)
+        sync(device)
         batch_ms.append((time.perf_counter() - t0) * 1000)
         n_inst += sum(len(r.boxes) for r in results)
         for s in STAGES:
@@ -113,7 +114,7 @@ def run_reference(pipe: CurriculumPipeline, models, images: list[np.ndarray], de
         for im in images:
             t0 = time.perf_counter()
             reference_curriculum(pipe, p_box, p_ref, im)
-            _sync(device)
+            sync(device)
             lat.append((time.perf_counter() - t0) * 1000)
         total = time.perf_counter() - t_start
     return {"images_per_s": round(len(images) / total, 3), "ms_per_image": round(total * 1000 / len(images), 2),
