@@ -24,7 +24,7 @@ from cp_deploy.preprocess import PreprocessConfig
 from cp_train import distributed
 from cp_train.bundle_io import derive_bundle
 from cp_train.data import EmbeddingCache, carve_validation, load_samples, read_split
-from cp_train.evaluate import evaluate
+from cp_train.evaluate import evaluate, evaluate_boxes
 from cp_train.trainers.loop import LoopConfig, fit
 
 # sam-refine trains on GT edge points, so it comes before the keypoint net, whose validation
@@ -36,7 +36,6 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
     """Train one stage on top of the bundle in ``base_dir`` and write ``args.out``."""
     t0 = time.perf_counter()
     base = load_bundle(base_dir)
-    models = build_models(base)
     names = read_split(args.split)
     train_names, val_names = carve_validation(names, args.val_fraction, args.seed)
     if args.max_images:
@@ -44,9 +43,12 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
     cfg = LoopConfig(epochs=args.epochs or DEFAULT_EPOCHS[stage], batch_size=args.batch_size or DEFAULT_BATCH[stage],
                      lr=args.lr or DEFAULT_LR[stage], seed=args.seed, resume=args.resume)
     val = load_samples(args.data, val_names, progress=not args.no_progress)
-    cache = EmbeddingCache(args.cache_dir, base, models.image_encoder)
-    with torch.no_grad():
-        val_emb = cache.fill(val, progress=not args.no_progress)
+    models = cache = val_emb = None
+    if args.val_metric == "sam":  # box validation of a detector needs no SAM at all
+        models = build_models(base)
+        cache = EmbeddingCache(args.cache_dir, base, models.image_encoder)
+        with torch.no_grad():
+            val_emb = cache.fill(val, progress=not args.no_progress)
     work = Path(args.work_dir or f"{args.out}-work")
     edge_label = EDGE_LABELS[base.prompt.edge_label]
 
@@ -111,13 +113,14 @@ def _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, w
         det_cfg = {"fpn": 64, "stride": 8}
         pre = PreprocessConfig(image_size=args.detector_size, normalize="meanstd")
         net = Lite0CenterNet(**det_cfg, pretrained=True)
-        # The stem and first two stages stay frozen: generic ImageNet edges and textures, and
-        # half the backward pass on a CPU.
-        frozen = [net.backbone.conv_stem, net.backbone.bn1, *net.backbone.blocks[:2]]
+        # By default the stem and first two stages stay frozen: generic ImageNet edges and
+        # textures, and half the backward pass on a CPU.
+        frozen = [net.backbone.conv_stem, net.backbone.bn1, *net.backbone.blocks[: args.detector_freeze]
+                  ] if args.detector_freeze else []
         for m in frozen:
             m.requires_grad_(False)
         train = load_samples(args.data, train_names, max_side=args.detector_size, progress=not args.no_progress)
-        batch_fn = image_batches(train, pre, det_cfg["stride"])
+        batch_fn = image_batches(train, pre, det_cfg["stride"], workers=args.workers)
         entry = stage_entry("lite0_centernet", det_cfg, "image", pre.to_dict())
         spec.detector = StageSpec("lite0_centernet", det_cfg, "image", None, None, pre)
     else:
@@ -133,11 +136,16 @@ def _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, w
         entry = stage_entry("embedding_centernet", det_cfg, "embedding")
         spec.detector = StageSpec("embedding_centernet", det_cfg, "embedding", None, None, None)
 
-    def validate(model):
-        models.detector = model
-        return evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"))
+    device = torch.device(args.device)
+    net.to(device)
 
-    epoch_fn = make_train_epoch(len(train), batch_fn, cfg.batch_size, args.seed, loss)
+    def validate(model):
+        if args.val_metric == "boxes":
+            return evaluate_boxes(spec, model, val, device)
+        models.detector = model
+        return evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"), device=device)
+
+    epoch_fn = make_train_epoch(len(train), batch_fn, cfg.batch_size, args.seed, loss, device)
 
     def train_epoch(model, opt, epoch):
         for m in frozen:
@@ -147,7 +155,8 @@ def _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, w
     params = [p for p in net.parameters() if p.requires_grad]
     state = fit("detector", net, params, train_epoch, validate, cfg, work)
     net.load_state_dict(state)
-    return state, entry, tune_detection(spec, models, net, val, val_emb, work)
+    tuned = tune_detection(spec, models, net, val, val_emb, work, device, args.val_metric)
+    return {k: v.cpu() for k, v in state.items()}, entry, tuned
 
 
 def _grounding_dino(args, base, models):
@@ -214,18 +223,25 @@ def _train_keypoints(args, base, models, train, targets, emb, val, val_emb, cfg,
     return fit("keypoints", net, list(net.parameters()), fn, validate, cfg, work), entry
 
 
-def tune_detection(spec, models, net, val, val_emb, work: Path) -> dict:
+def tune_detection(spec, models, net, val, val_emb, work: Path, device: torch.device | str = "cpu",
+                   metric: str = "sam") -> dict:
     """Pick the score threshold and the minimum instance count on the validation split (never on
-    test data) by the mDice of the box pass; logged to WORK/detector/tuning.jsonl."""
+    test data) by the mDice of the box pass (``metric`` "sam") or of the boxes themselves
+    ("boxes"); logged to WORK/detector/tuning.jsonl."""
     import dataclasses
 
-    models.detector = net.eval()
+    net.eval()
+    if models is not None:
+        models.detector = net
     best, rows = None, []
     grid = [{"score_threshold": t, "min_instances": m, "max_instances": k}
             for k in (1, 5) for m in (0, 1) for t in (0.2, 0.3, 0.4)]
     for g in grid:
         spec.prompt = dataclasses.replace(spec.prompt, **g)
-        r = evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"))
+        if metric == "boxes":
+            r = evaluate_boxes(spec, net, val, device)
+        else:
+            r = evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"), device=device)
         rows.append({**g, **r})
         if distributed.is_main():
             print(f"[detector] val {g}: mDice {r['mDice']:.4f}", flush=True)
@@ -262,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local Grounding DINO directory (config.json, weights, tokenizer) to fine-tune from; "
                    "default: the --base bundle's Grounding DINO")
     p.add_argument("--detector-size", type=int, default=256, help="detector input size (longest side)")
+    p.add_argument("--detector-freeze", type=int, default=2,
+                   help="lite0_centernet: backbone stages kept frozen at their ImageNet weights, after the stem "
+                        "(0: train all)")
+    p.add_argument("--val-metric", default="sam", choices=["sam", "boxes"],
+                   help="detector validation and threshold tuning: mDice of SAM's box pass (sam), or Dice of "
+                        "the boxes against the GT boxes (boxes: needs no SAM weights, for image-reading detectors)")
+    p.add_argument("--device", default="cpu", help="detector stage: cpu, cuda or cuda:N (other stages: cpu)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="threads that augment the detector's training images (more keep a GPU fed)")
     p.add_argument("--keypoint-arch", default=None, choices=["embedding_heatmap", "hrnet"],
                    help="keypoint net: a heatmap head on the SAM embedding, or HRNet on image crops "
                         "(default: the base bundle's)")
@@ -310,6 +335,12 @@ def _run(args: argparse.Namespace) -> int:
                    if getattr(args, f"keypoint_{k}")]
     if hrnet_flags and "keypoints" in stages and (args.keypoint_arch or load_bundle(base).keypoints.arch) != "hrnet":
         raise SystemExit(f"cp-train: {', '.join(hrnet_flags)} need --keypoint-arch hrnet")
+    if args.val_metric == "boxes" and (stages != ("detector",) or args.detector_arch != "lite0_centernet"):
+        raise SystemExit("cp-train: --val-metric boxes is for the detector stage with --detector-arch lite0_centernet")
+    if args.device != "cpu" and stages != ("detector",):
+        raise SystemExit("cp-train: --device other than cpu is for the detector stage only, so far")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("cp-train: --device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
     for stage in stages:
         base = train_stage(stage, args, base)
     if distributed.is_main():

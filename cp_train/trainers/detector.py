@@ -3,6 +3,8 @@ set-prediction detector (Grounding DINO) that computes its own loss."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,17 +51,23 @@ def _augmented(sample: Sample, cfg: PreprocessConfig, rng: np.random.Generator) 
     return x, frame.boxes_to_input(boxes)
 
 
-def image_batches(samples: list[Sample], cfg: PreprocessConfig, stride: int):
-    """Batches for a detector that reads the image: augmented, preprocessed, CenterNet targets."""
+def image_batches(samples: list[Sample], cfg: PreprocessConfig, stride: int, workers: int = 1):
+    """Batches for a detector that reads the image: augmented, preprocessed, CenterNet targets.
+
+    Each sample draws its own generator from ``rng``, so a batch is the same whatever ``workers``
+    is; with more than one, samples are augmented in threads (OpenCV and numpy release the GIL),
+    which is what keeps a GPU fed."""
     grid = cfg.image_size // stride
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+
+    def one(j: int, seed: int) -> tuple[torch.Tensor, dict]:
+        x, boxes = _augmented(samples[j], cfg, np.random.default_rng(seed))
+        return x, centernet_targets(boxes, grid, stride)
 
     def batch(idx: np.ndarray, rng: np.random.Generator):
-        xs, targets = [], []
-        for j in idx:
-            x, boxes = _augmented(samples[j], cfg, rng)
-            xs.append(x)
-            targets.append(centernet_targets(boxes, grid, stride))
-        return _stack(xs, targets)
+        seeds = rng.integers(0, 2**63 - 1, size=len(idx)).tolist()
+        pairs = list(pool.map(one, idx, seeds) if pool else map(one, idx, seeds))
+        return _stack([x for x, _ in pairs], [t for _, t in pairs])
 
     return batch
 
@@ -103,13 +111,26 @@ def detector_loss(raw: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> t
     return centernet_focal(raw["heatmap"], t["heatmap"]) + 0.5 * size + off
 
 
-def make_train_epoch(n: int, batch_fn, batch_size: int, seed: int, loss=None):
-    """One epoch over ``n`` samples; ``batch_fn(indices, rng)`` gives (inputs, targets) and
-    ``loss(model, inputs, targets)`` the batch loss (default: CenterNet's, :func:`detector_loss`)."""
+def _to(obj, device: torch.device | None):
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to(v, device) for v in obj]
+    return obj
+
+
+def make_train_epoch(n: int, batch_fn, batch_size: int, seed: int, loss=None, device: torch.device | None = None):
+    """One epoch over ``n`` samples; ``batch_fn(indices, rng)`` gives (inputs, targets), moved to
+    ``device``, and ``loss(model, inputs, targets)`` the batch loss (default: CenterNet's,
+    :func:`detector_loss`)."""
 
     def train_epoch(model, opt, epoch: int) -> float:
         def loss_fn(idx, rng):
-            x, t = batch_fn(idx, rng)
+            x, t = _to(batch_fn(idx, rng), device)
             return detector_loss(model(x), t) if loss is None else loss(model, x, t)
 
         return shuffled_epoch(n, batch_size, seed, epoch, opt, loss_fn)

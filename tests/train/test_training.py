@@ -84,3 +84,53 @@ def test_hrnet_keypoints_train_on_image_crops(dataset, tiny_bundle, tmp_path):
     img = cv2.imread(str(dataset / "images" / "s00.png"))
     (res,) = CurriculumPipeline(bundle, TorchEngine(bundle)).predict([img])
     assert res.mask.shape == img.shape[:2] and res.points.shape[1:] == (8, 2)
+
+
+def test_detector_trains_without_sam_on_box_validation(dataset, tiny_bundle, tmp_path, monkeypatch):
+    """--val-metric boxes validates and tunes the image-reading detector on its boxes alone: no SAM
+    is built (so a GPU machine needs only the detector's weights and the images), and every stage
+    but the detector refuses it."""
+    import cp_train.cli as cli
+
+    def no_sam(bundle):
+        raise AssertionError("build_models called: box validation must not need SAM")
+
+    monkeypatch.setattr(cli, "build_models", no_sam)
+    out = tmp_path / "bundle"
+    extra = ["--epochs", "3", "--detector-size", "64", "--batch-size", "3", "--val-metric", "boxes",
+             "--workers", "3", "--detector-freeze", "0"]
+    assert train_main(["detector", *_args(dataset, out, tiny_bundle.root, *extra)]) == 0
+    work = Path(f"{out}-work") / "detector"
+    logs = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 3 and logs[-1]["loss"] < logs[0]["loss"]
+    assert all(0.0 <= r["mDice"] <= 1.0 for r in logs)
+    assert len((work / "tuning.jsonl").read_text().splitlines()) == 12
+    assert load_bundle(out).detector.arch == "lite0_centernet"
+    with pytest.raises(SystemExit, match="detector stage"):
+        train_main(["keypoints", *_args(dataset, out, tiny_bundle.root, "--val-metric", "boxes")])
+
+
+def test_augmented_batches_do_not_depend_on_the_worker_count(dataset):
+    import numpy as np
+
+    from cp_deploy.preprocess import PreprocessConfig
+    from cp_train.trainers.detector import image_batches
+
+    samples = load_samples(dataset, read_split(dataset / "train.txt")[:6], progress=False)
+    cfg = PreprocessConfig(image_size=64, normalize="meanstd")
+    idx = np.arange(6)
+    (x1, t1), (x4, t4) = (image_batches(samples, cfg, 8, workers=w)(idx, np.random.default_rng(3)) for w in (1, 4))
+    assert (x1 == x4).all() and all((t1[k] == t4[k]).all() for k in t1)
+
+
+def test_box_validation_scores_the_ground_truth_boxes_one():
+    import numpy as np
+
+    from cp_train.evaluate import box_mask
+
+    from cp_deploy.metrics import dice
+
+    gt = box_mask(np.array([[2, 3, 5, 9]]), (12, 12))
+    assert gt.sum() == 4 * 7  # inclusive pixel indices
+    assert dice(box_mask(np.array([[2.2, 2.8, 5.1, 9.4]]), (12, 12)), gt) == 1.0
+    assert dice(box_mask(np.array([[6, 0, 9, 2]]), (12, 12)), gt) == 0.0

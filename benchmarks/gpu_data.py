@@ -1,0 +1,60 @@
+"""Pack a training split, shrunk, into a folder small enough to carry to the lent GPU machine.
+
+    python -m benchmarks.gpu_data --data ../shared/data/kvasir-seg --split splits/train.txt \\
+        --out .gpudata/kvasir-train --max-side 320
+
+Images are re-encoded as JPEG (quality 92) at ``--max-side`` (longest side, area interpolation),
+masks as PNG (nearest), with the split as ``train.txt``. Only the split's names are copied, so the
+test images never leave this machine. ``cp-train`` shrinks each image to ``--detector-size``
+anyway, so packing at that size changes nothing the detector sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cp_deploy.io import read_image, read_mask
+from cp_deploy.preprocess import resize_longest_side, to_rgb_uint8
+from cp_train.data import _find, read_split
+
+
+def pack(data: Path, split: Path, out: Path, max_side: int) -> int:
+    """Write OUT/images, OUT/masks and OUT/train.txt; returns the bytes written."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    names = read_split(split)
+    total = 0
+    for n in names:
+        img = to_rgb_uint8(read_image(_find(data / "images", n)))
+        mask = read_mask(_find(data / "masks", n))
+        if max(img.shape[:2]) > max_side:
+            img = resize_longest_side(img, max_side)
+            mask = cv2.resize(mask.astype(np.uint8), img.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+        ok1, jpg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        ok2, png = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+        if not (ok1 and ok2):
+            raise RuntimeError(f"could not encode {n}")
+        (out / "images" / f"{n}.jpg").write_bytes(jpg.tobytes())
+        (out / "masks" / f"{n}.png").write_bytes(png.tobytes())
+        total += len(jpg) + len(png)
+    (out / "train.txt").write_text("\n".join(names) + "\n")
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="dataset folder with images/ and masks/")
+    ap.add_argument("--split", required=True, help="file of the names to pack (the training split)")
+    ap.add_argument("--out", required=True, help="folder to write (keep it git-ignored)")
+    ap.add_argument("--max-side", type=int, default=320, help="longest side of the packed images")
+    a = ap.parse_args(argv)
+    n = pack(Path(a.data), Path(a.split), Path(a.out), a.max_side)
+    print(f"packed {len(read_split(a.split))} images into {a.out}: {n / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything this project does in one lease of the GPU machine, within 10 minutes:
+#  1. the speed benchmark (benchmarks/gpu_bench.sh: ViT-H pipeline vs SamPredictor, bf16 parity);
+#  2. three EfficientNet-Lite0 detector trainings on the packed training split, side by side,
+#     validated on their boxes (no SAM weights travel), each a tar to bring back.
+# Prepare here first:  python -m benchmarks.gpu_data --data D --split D/splits/train.txt \
+#   --out .gpudata/kvasir-train --max-side 320, and the wheels in .whl/ (benchmarks/gpu_env.sh).
+# A CPU smoke run: BENCH_ARGS="--arch tiny --device cpu --images 4 --no-compile" DEVICE=cpu
+#   TRAIN_ARGS="--max-images 16" EPOCHS_A=1 EPOCHS_B=1 EPOCHS_C=1 benchmarks/gpu_lease.sh
+# Each part has its own time limit, so one that fails or overruns leaves the others' results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source benchmarks/gpu_env.sh
+OUT=${OUT:-/tmp/cp-gpu-lease}
+mkdir -p "$OUT" /tmp/cp-logs
+BENCH_S=${BENCH_S:-360} TRAIN_S=${TRAIN_S:-200}
+timeout "$BENCH_S" python3 -m benchmarks.gpu_bench --out /tmp/cp-gpu-bench ${BENCH_ARGS:-} 2>&1 | tee /tmp/cp-logs/bench.log
+tar -C /tmp/cp-gpu-bench -cf "$OUT/bench.tar" --wildcards '*.json' 2>/dev/null
+
+DATA=.gpudata/kvasir-train
+train() {
+  local name=$1; shift
+  timeout "$TRAIN_S" python3 -m cp_train.cli detector --data $DATA --split $DATA/train.txt \
+    --out /tmp/det-$name --work-dir /tmp/det-$name-work --detector-size 320 --val-metric boxes \
+    --device ${DEVICE:-cuda} --workers 5 --threads 4 --no-progress ${TRAIN_ARGS:-} "$@" > /tmp/cp-logs/train-$name.log 2>&1
+  echo "train $name exit $?" >> /tmp/cp-logs/train-$name.log
+  # the finished bundle's detector, or (cut off by the time limit) the best checkpoint so far
+  local skip='*.pt'; [ -f /tmp/det-$name/detector.safetensors ] || skip=last.pt
+  tar -C /tmp -cf "$OUT/det-$name.tar" --ignore-failed-read det-$name/detector.safetensors \
+    det-$name/bundle.json --exclude="$skip" det-$name-work/detector 2>/dev/null
+}
+train a --epochs ${EPOCHS_A:-40} &
+train b --epochs ${EPOCHS_B:-40} --detector-freeze 0 &
+train c --epochs ${EPOCHS_C:-50} --detector-freeze 0 --batch-size 32 --lr 1e-3 &
+wait
+tar -C /tmp -cf "$OUT/logs.tar" cp-logs
+for n in a b c; do echo "== train $n"; grep -E "epoch|val \{|wrote|exit|Error" /tmp/cp-logs/train-$n.log | tail -8; done
+echo "== bench"; sed -n '/^| config/,$p' /tmp/cp-logs/bench.log
