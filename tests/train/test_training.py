@@ -126,9 +126,8 @@ def test_augmented_batches_do_not_depend_on_the_worker_count(dataset):
 def test_box_validation_scores_the_ground_truth_boxes_one():
     import numpy as np
 
-    from cp_train.evaluate import box_mask
-
     from cp_deploy.metrics import dice
+    from cp_train.evaluate import box_mask
 
     gt = box_mask(np.array([[2, 3, 5, 9]]), (12, 12))
     assert gt.sum() == 4 * 7  # inclusive pixel indices
