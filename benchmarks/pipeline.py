@@ -108,8 +108,9 @@ def run_ours(pipe: CurriculumPipeline, images: list[np.ndarray], batch_size: int
 
 
 def run_reference(pipe: CurriculumPipeline, models, images: list[np.ndarray], device: str) -> dict:
-    sam_box = Sam(models.image_encoder, models.box.prompt_encoder, models.box.mask_decoder).eval()
-    sam_ref = Sam(models.image_encoder, models.refine.prompt_encoder, models.refine.mask_decoder).eval()
+    # Sam's own pixel_mean/std buffers decide SamPredictor's device, so the wrappers move too.
+    sam_box = Sam(models.image_encoder, models.box.prompt_encoder, models.box.mask_decoder).to(device).eval()
+    sam_ref = Sam(models.image_encoder, models.refine.prompt_encoder, models.refine.mask_decoder).to(device).eval()
     p_box, p_ref = SamPredictor(sam_box), SamPredictor(sam_ref)
     lat = []
     with torch.inference_mode():

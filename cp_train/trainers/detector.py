@@ -118,8 +118,8 @@ def _to(obj, device: torch.device | None):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to(v, device) for v in obj]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
     return obj
 
 
