@@ -15,7 +15,7 @@ OUT=${OUT:-/tmp/cp-gpu-lease}
 mkdir -p "$OUT" /tmp/cp-logs
 BENCH_S=${BENCH_S:-360} TRAIN_S=${TRAIN_S:-200}
 timeout "$BENCH_S" python3 -m benchmarks.gpu_bench --out /tmp/cp-gpu-bench ${BENCH_ARGS:-} 2>&1 | tee /tmp/cp-logs/bench.log
-tar -C /tmp/cp-gpu-bench -cf "$OUT/bench.tar" --wildcards '*.json' 2>/dev/null
+(cd /tmp/cp-gpu-bench 2>/dev/null && tar -cf "$OUT/bench.tar" ./*.json)
 
 DATA=.gpudata/kvasir-train
 train() {

@@ -18,7 +18,7 @@ from cp_deploy.models.build import (
     keypoint_entry,
     stage_entry,
 )
-from cp_deploy.models.keypoints import build_keypoint_net
+from cp_deploy.models.keypoints import build_keypoint_net, keypoint_reads
 from cp_deploy.pipeline import PipelineOptions
 from cp_deploy.preprocess import PreprocessConfig
 from cp_train import distributed
@@ -60,8 +60,10 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
         from cp_train.trainers.sam import instance_targets, make_sam_epoch
 
         train = load_samples(args.data, train_names, progress=not args.no_progress)
-        with torch.no_grad():
-            emb = cache.fill(train, progress=not args.no_progress)
+        emb = None
+        if not (stage == "keypoints" and keypoint_reads(args.keypoint_arch or base.keypoints.arch) == "image"):
+            with torch.no_grad():  # a keypoint net on image crops needs no training embeddings
+                emb = cache.fill(train, progress=not args.no_progress)
         low = models.box.mask_input_size[0]
         targets = instance_targets(train, base.preprocess.image_size, low)
         if stage in ("sam-box", "sam-refine"):
@@ -207,6 +209,10 @@ def _train_keypoints(args, base, models, train, targets, emb, val, val_emb, cfg,
         from cp_deploy.models.hrnet import load_backbone
 
         load_backbone(net, args.keypoint_backbone_checkpoint)
+    elif net is not models.keypoints and kp_cfg.get("backbone") == "efficientnet_lite0":
+        from cp_deploy.models.efficientnet import load_lite0_features
+
+        load_lite0_features(net.backbone)  # ImageNet weights from the pip package, as the detector's
     kp = spec.keypoints
     features = emb
     if kp.reads == "image":

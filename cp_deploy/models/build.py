@@ -11,7 +11,7 @@ from torch import nn
 
 from cp_deploy.bundle import BUNDLE_FILE, FORMAT_VERSION, Bundle, load_bundle
 from cp_deploy.models.detector import build_detector
-from cp_deploy.models.keypoints import build_keypoint_net
+from cp_deploy.models.keypoints import build_keypoint_net, keypoint_reads
 from cp_deploy.models.sam import PromptHead, build_sam, default_preprocess, load_sam
 from cp_deploy.models.weights import load_strict, read_state_dict, save_state_dict
 from cp_deploy.preprocess import PreprocessConfig
@@ -71,7 +71,7 @@ def keypoint_entry(arch: str, config: dict, image_size: int) -> dict:
     """A keypoint net's bundle entry: ``hrnet`` reads the image, resized to ``image_size`` with
     ImageNet mean/std (timm's HRNet weights expect them, whatever the SAM's own normalization);
     ``embedding_heatmap`` reads the SAM embedding."""
-    if arch == "hrnet":
+    if keypoint_reads(arch) == "image":
         return stage_entry(arch, config, "image", PreprocessConfig(image_size=image_size).to_dict())
     return stage_entry(arch, config, "embedding")
 

@@ -55,6 +55,17 @@ def lite0_imagenet(pretrained: bool = True) -> nn.Module:
     return net
 
 
+def load_lite0_features(features: nn.Module) -> None:
+    """Load the package's ImageNet weights into a timm ``efficientnet_lite0`` features model
+    (``features_only=True``, any ``out_indices``): every one of its keys must have a weight."""
+    cls = lite0_imagenet(True).state_dict()
+    own = features.state_dict()
+    missing = [k for k in own if k not in cls]
+    if missing:
+        raise WeightsError(f"EfficientNet-Lite0 features lack ImageNet weights for: {', '.join(missing[:5])}")
+    load_strict(features, {k: cls[k] for k in own}, source=lite0_checkpoint())
+
+
 class Lite0CenterNet(nn.Module):
     """CenterNet on EfficientNet-Lite0 features (strides 8, 16, 32) merged top-down at stride 8."""
 
@@ -72,12 +83,7 @@ class Lite0CenterNet(nn.Module):
             "efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3, 4)
         )
         if pretrained:
-            cls = lite0_imagenet(True).state_dict()
-            own = self.backbone.state_dict()
-            missing = [k for k in own if k not in cls]
-            if missing:
-                raise WeightsError(f"EfficientNet-Lite0 features lack ImageNet weights for: {', '.join(missing[:5])}")
-            load_strict(self.backbone, {k: cls[k] for k in own}, source=lite0_checkpoint())
+            load_lite0_features(self.backbone)
         chans = self.backbone.feature_info.channels()
         self.lateral = nn.ModuleList(nn.Conv2d(c, fpn, 1) for c in chans)
         self.smooth = nn.Sequential(nn.Conv2d(fpn, fpn, 3, padding=1), nn.BatchNorm2d(fpn), nn.ReLU(inplace=True))

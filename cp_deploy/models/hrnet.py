@@ -47,8 +47,11 @@ class HRNetKeypointNet(nn.Module):
         self.crop_size = crop_size
         self.margin = margin
         self.sigma = sigma  # of the training targets, in heatmap cells; kept with the model it trained
-        self.backbone = timm.create_model(backbone, features_only=True, pretrained=False, feature_location="",
-                                          out_indices=(1, 2, 3, 4))
+        # HRNet's raw branches (feature_location ""), not its classifier's incre modules; other timm
+        # backbones (EfficientNet-Lite0, whose ImageNet weights ship in a pip package) as they come.
+        extra = {"feature_location": ""} if backbone.startswith("hrnet") else {}
+        self.backbone = timm.create_model(backbone, features_only=True, pretrained=False, out_indices=(1, 2, 3, 4),
+                                          **extra)
         channels = sum(self.backbone.feature_info.channels())
         self.head = nn.Sequential(
             nn.Conv2d(channels, head_channels, 1, bias=False), nn.BatchNorm2d(head_channels), nn.ReLU(inplace=True),

@@ -96,6 +96,11 @@ class EmbeddingKeypointNet(nn.Module):
         return self.body(crops)
 
 
+def keypoint_reads(arch: str) -> str:
+    """What keypoint net ``arch`` reads: ``image`` (top-down on image crops) or ``embedding``."""
+    return "image" if arch == "hrnet" else "embedding"
+
+
 def build_keypoint_net(arch: str, config: dict) -> nn.Module:
     """A keypoint net from its bundle entry (``arch`` and ``config``)."""
     if arch == "embedding_heatmap":

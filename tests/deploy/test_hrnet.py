@@ -107,3 +107,18 @@ def test_hrnet_bundle_exports_with_parity_and_runs_on_both_engines(hrnet_bundle,
     assert points and all(a.shape == (8, 2) for a, _ in points), "the tiny detector should yield instances"
     for a, b in points:
         np.testing.assert_allclose(b, a, atol=0.05)
+
+
+def test_lite0_backbone_gives_quarter_heatmaps_and_imagenet_weights():
+    """The top-down net takes EfficientNet-Lite0 (ImageNet weights from its pip package) as well as
+    HRNet: same interface, heatmaps at 1/4 of the crop, and the weights load into the backbone."""
+    from cp_deploy.models.efficientnet import lite0_imagenet, load_lite0_features
+
+    cfg = hrnet_keypoint_config("efficientnet_lite0", crop_size=64, head_channels=32)
+    lite = build_keypoint_net("hrnet", cfg).eval()
+    load_lite0_features(lite.backbone)
+    imagenet = lite0_imagenet(True).state_dict()
+    assert torch.equal(lite.backbone.state_dict()["blocks.3.0.conv_pw.weight"], imagenet["blocks.3.0.conv_pw.weight"])
+    with torch.no_grad():
+        heat = lite(torch.randn(1, 3, 96, 96), torch.tensor([[0, 5.0, 8.0, 60.0, 70.0]]))
+    assert heat.shape == (1, 8, 16, 16)

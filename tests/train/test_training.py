@@ -76,6 +76,8 @@ def test_hrnet_keypoints_train_on_image_crops(dataset, tiny_bundle, tmp_path):
     assert train_main(["keypoints", *_args(dataset, out, tiny_bundle.root, *extra)]) == 0
     losses = _losses(Path(f"{out}-work"), "keypoints")
     assert len(losses) == 4 and losses[-1] < losses[0], losses
+    cached = list((tmp_path / "cache").rglob("*.pt"))
+    assert len(cached) == 3  # the validation images' only: a net on image crops needs no training embeddings
     bundle = load_bundle(out)
     kp = bundle.keypoints
     assert (kp.arch, kp.reads) == ("hrnet", "image")
