@@ -73,10 +73,11 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
 
             def validate(model):
                 setattr(models, head_name, model)
-                return evaluate(base, models, val, val_emb, opts, gt_boxes=True, gt_points=head_name == "refine")
+                gt_points = head_name == "refine" and args.refine_points == "gt"
+                return evaluate(base, models, val, val_emb, opts, gt_boxes=True, gt_points=gt_points)
 
             fn = make_sam_epoch(head_name, targets, emb, cfg.batch_size, args.seed,
-                                box_head=models.box.eval(), edge_label=edge_label)
+                                box_head=models.box.eval(), edge_label=edge_label, point_jitter=args.point_jitter)
             state = fit(stage, head, list(head.parameters()), fn, validate, cfg, work)
             replace = {head_name: (None, state)}
         else:
@@ -293,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="detector stage: cpu, cuda or cuda:N (other stages: cpu)")
     p.add_argument("--workers", type=int, default=1,
                    help="threads that augment the detector's training images (more keep a GPU fed)")
+    p.add_argument("--point-jitter", type=float, default=0.02,
+                   help="sam-refine: Gaussian noise on the training edge points, as a fraction of the box side "
+                        "(match it to the keypoint net's error: 0.05 for the default bundle's)")
+    p.add_argument("--refine-points", default="gt", choices=["gt", "predicted"],
+                   help="sam-refine validation: ground-truth edge points, or those of the base bundle's keypoint "
+                        "net (what the deployed curriculum sees; needs a trained keypoint net)")
     p.add_argument("--keypoint-arch", default=None, choices=["embedding_heatmap", "hrnet"],
                    help="keypoint net: a heatmap head on the SAM embedding, or HRNet on image crops "
                         "(default: the base bundle's)")

@@ -135,3 +135,26 @@ def test_box_validation_scores_the_ground_truth_boxes_one():
     assert gt.sum() == 4 * 7  # inclusive pixel indices
     assert dice(box_mask(np.array([[2.2, 2.8, 5.1, 9.4]]), (12, 12)), gt) == 1.0
     assert dice(box_mask(np.array([[6, 0, 9, 2]]), (12, 12)), gt) == 0.0
+
+
+def test_refine_point_jitter_and_validation_points_reach_the_trainer(dataset, tiny_bundle, tmp_path, monkeypatch):
+    import cp_train.cli as cli
+    import cp_train.trainers.sam as sam
+
+    seen = {"jitter": [], "gt_points": []}
+    make, evaluate = sam.make_sam_epoch, cli.evaluate
+
+    def spy_make(*a, **k):
+        seen["jitter"].append(k["point_jitter"])
+        return make(*a, **k)
+
+    def spy_evaluate(*a, **k):
+        seen["gt_points"].append(k.get("gt_points"))
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(sam, "make_sam_epoch", spy_make)
+    monkeypatch.setattr(cli, "evaluate", spy_evaluate)
+    out = tmp_path / "bundle"
+    extra = ["--epochs", "1", "--point-jitter", "0.05", "--refine-points", "predicted"]
+    assert train_main(["sam-refine", *_args(dataset, out, tiny_bundle.root, *extra)]) == 0
+    assert seen == {"jitter": [0.05], "gt_points": [False]}
