@@ -17,9 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cp_deploy.io import read_image, read_mask
-from cp_deploy.preprocess import resize_longest_side, to_rgb_uint8
-from cp_train.data import _find, read_split
+from cp_train.data import load_samples, read_split
 
 
 def pack(data: Path, split: Path, out: Path, max_side: int) -> int:
@@ -28,18 +26,13 @@ def pack(data: Path, split: Path, out: Path, max_side: int) -> int:
     (out / "masks").mkdir(parents=True, exist_ok=True)
     names = read_split(split)
     total = 0
-    for n in names:
-        img = to_rgb_uint8(read_image(_find(data / "images", n)))
-        mask = read_mask(_find(data / "masks", n))
-        if max(img.shape[:2]) > max_side:
-            img = resize_longest_side(img, max_side)
-            mask = cv2.resize(mask.astype(np.uint8), img.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
-        ok1, jpg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
-        ok2, png = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    for s in load_samples(data, names, max_side=max_side):  # the trainer's own decode and shrink
+        ok1, jpg = cv2.imencode(".jpg", cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        ok2, png = cv2.imencode(".png", s.mask.astype(np.uint8) * 255)
         if not (ok1 and ok2):
-            raise RuntimeError(f"could not encode {n}")
-        (out / "images" / f"{n}.jpg").write_bytes(jpg.tobytes())
-        (out / "masks" / f"{n}.png").write_bytes(png.tobytes())
+            raise RuntimeError(f"could not encode {s.name}")
+        (out / "images" / f"{s.name}.jpg").write_bytes(jpg.tobytes())
+        (out / "masks" / f"{s.name}.png").write_bytes(png.tobytes())
         total += len(jpg) + len(png)
     (out / "train.txt").write_text("\n".join(names) + "\n")
     return total

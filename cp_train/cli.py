@@ -296,15 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads that augment the detector's training images (more keep a GPU fed)")
     p.add_argument("--point-jitter", type=float, default=0.02,
                    help="sam-refine: Gaussian noise on the training edge points, as a fraction of the box side "
-                        "(match it to the keypoint net's error: 0.05 for the default bundle's)")
+                        "(match it to the keypoint net's error)")
     p.add_argument("--refine-points", default="gt", choices=["gt", "predicted"],
                    help="sam-refine validation: ground-truth edge points, or those of the base bundle's keypoint "
                         "net (what the deployed curriculum sees; needs a trained keypoint net)")
     p.add_argument("--keypoint-arch", default=None, choices=["embedding_heatmap", "hrnet"],
-                   help="keypoint net: a heatmap head on the SAM embedding, or HRNet on image crops "
-                        "(default: the base bundle's)")
+                   help="keypoint net: a heatmap head on the SAM embedding, or the top-down net on image crops "
+                        "(HRNet, or another timm backbone such as efficientnet_lite0); default: the base bundle's")
     p.add_argument("--keypoint-backbone", default=None,
-                   help="timm HRNet variant for --keypoint-arch hrnet (default hrnet_w32; hrnet_w18_small is small)")
+                   help="timm backbone for --keypoint-arch hrnet (default hrnet_w32; hrnet_w18_small is small; "
+                        "efficientnet_lite0 starts from the pip package's ImageNet weights)")
     p.add_argument("--keypoint-backbone-checkpoint", default=None,
                    help="local timm HRNet checkpoint (e.g. ImageNet) to start the hrnet backbone from")
     p.add_argument("--keypoint-crop", type=int, default=None,
