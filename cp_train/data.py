@@ -90,6 +90,12 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tu
     crop = mask[y0 : y0 + ch, x0 : x0 + cw]
     if crop.sum() > 0.5 * mask.sum():  # keep most of the lesion in view
         image, mask = image[y0 : y0 + ch, x0 : x0 + cw], crop
+    return photometric(image, rng), np.ascontiguousarray(mask)
+
+
+def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The colour half of :func:`augment` (contrast, brightness, colour cast, gamma, blur), which
+    moves no pixel, so targets in image coordinates stay valid."""
     img = np.ascontiguousarray(image).astype(np.float32)
     img = img * rng.uniform(0.7, 1.3) + rng.uniform(-30, 30)  # contrast, brightness
     img = img * rng.uniform(0.85, 1.15, size=3)  # per-channel colour cast
@@ -98,7 +104,7 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tu
     img = img.astype(np.uint8)
     if rng.random() < 0.3:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.5))
-    return img, np.ascontiguousarray(mask)
+    return img
 
 
 def encoder_id(bundle: Bundle) -> str:

@@ -13,7 +13,7 @@ import torch
 from cp_deploy.models.keypoints import expand_boxes, image_to_heatmap
 from cp_deploy.models.sam import PromptHead
 from cp_deploy.preprocess import Frame, PreprocessConfig, preprocess_image
-from cp_train.data import Sample, jitter_boxes, lowres_target
+from cp_train.data import Sample, jitter_boxes, lowres_target, photometric
 from cp_train.losses import dice_bce, gaussian_heatmap_ce
 from cp_train.targets import mask_instances
 from cp_train.trainers.loop import shuffled_epoch
@@ -91,7 +91,7 @@ def make_keypoint_epoch(targets: InstanceTargets, features: torch.Tensor | Calla
     image indices giving the preprocessed images (for ``hrnet``); ``targets`` must be in the frame
     of that input. ``sigma`` is the Gaussian target's, in heatmap cells.
     """
-    read = features if callable(features) else (lambda imgs: features[imgs].float())
+    read = features if callable(features) else (lambda imgs, rng: features[imgs].float())
 
     def train_epoch(net, opt, epoch: int) -> float:
         return shuffled_epoch(len(targets.image), batch_size, seed, epoch, opt, lambda idx, rng: step(net, idx, rng))
@@ -99,7 +99,7 @@ def make_keypoint_epoch(targets: InstanceTargets, features: torch.Tensor | Calla
     def step(net, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         imgs = sorted(set(targets.image[j] for j in idx))
         local = {g: k for k, g in enumerate(imgs)}
-        feats = read(imgs)
+        feats = read(imgs, rng)
         boxes = _to_input(targets, idx, jitter_boxes(targets.boxes[idx], rng, box_jitter), boxes=True)
         crops = expand_boxes(boxes, margin)
         rois = torch.cat([torch.tensor([[float(local[targets.image[j]])] for j in idx]), crops], 1)
@@ -110,7 +110,15 @@ def make_keypoint_epoch(targets: InstanceTargets, features: torch.Tensor | Calla
     return train_epoch
 
 
-def image_reader(samples: list[Sample], cfg: PreprocessConfig) -> Callable[[list[int]], torch.Tensor]:
+def image_reader(samples: list[Sample], cfg: PreprocessConfig, augment: bool = True
+                 ) -> Callable[[list[int], np.random.Generator], torch.Tensor]:
     """Preprocessed images by index, for a keypoint net that reads the image (made per batch:
-    a 1024-pixel float image is 12 MB)."""
-    return lambda imgs: torch.stack([preprocess_image(samples[i].image, cfg)[0] for i in imgs])
+    a 1024-pixel float image is 12 MB). With ``augment`` each gets the detector's colour
+    augmentation (no geometry: the targets stay put), since a net reading pixels meets other
+    hospitals' colours and lighting."""
+
+    def read(imgs: list[int], rng: np.random.Generator) -> torch.Tensor:
+        return torch.stack([preprocess_image(photometric(samples[i].image, rng) if augment else samples[i].image,
+                                             cfg)[0] for i in imgs])
+
+    return read
