@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_data --data ../shared/data/kvasir-seg --split splits/train.txt \\
         --out .gpudata/kvasir-train --max-side 320
 
-Images are re-encoded as JPEG (quality 92) at ``--max-side`` (longest side, area interpolation),
+Images are re-encoded as JPEG (``--quality``, default 92) at ``--max-side`` (longest side, area interpolation),
 masks as PNG (nearest), with the split as ``train.txt``. Only the split's names are copied, so the
 test images never leave this machine. ``cp-train`` shrinks each image to ``--detector-size``
 anyway, so packing at that size changes nothing the detector sees.
@@ -20,14 +20,14 @@ import numpy as np
 from cp_train.data import load_samples, read_split
 
 
-def pack(data: Path, split: Path, out: Path, max_side: int) -> int:
+def pack(data: Path, split: Path, out: Path, max_side: int, quality: int = 92) -> int:
     """Write OUT/images, OUT/masks and OUT/train.txt; returns the bytes written."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     names = read_split(split)
     total = 0
     for s in load_samples(data, names, max_side=max_side):  # the trainer's own decode and shrink
-        ok1, jpg = cv2.imencode(".jpg", cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        ok1, jpg = cv2.imencode(".jpg", cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
         ok2, png = cv2.imencode(".png", s.mask.astype(np.uint8) * 255)
         if not (ok1 and ok2):
             raise RuntimeError(f"could not encode {s.name}")
@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", required=True, help="file of the names to pack (the training split)")
     ap.add_argument("--out", required=True, help="folder to write (keep it git-ignored)")
     ap.add_argument("--max-side", type=int, default=320, help="longest side of the packed images")
+    ap.add_argument("--quality", type=int, default=92,
+                    help="JPEG quality (lower it to fit the 64 MiB a call carries, repo and wheels included)")
     a = ap.parse_args(argv)
-    n = pack(Path(a.data), Path(a.split), Path(a.out), a.max_side)
+    n = pack(Path(a.data), Path(a.split), Path(a.out), a.max_side, a.quality)
     print(f"packed {len(read_split(a.split))} images into {a.out}: {n / 2**20:.1f} MiB")
 
 

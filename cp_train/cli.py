@@ -41,7 +41,7 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
     if args.max_images:
         train_names = train_names[: args.max_images]
     cfg = LoopConfig(epochs=args.epochs or DEFAULT_EPOCHS[stage], batch_size=args.batch_size or DEFAULT_BATCH[stage],
-                     lr=args.lr or DEFAULT_LR[stage], seed=args.seed, resume=args.resume)
+                     lr=args.lr or DEFAULT_LR[stage], seed=args.seed, resume=args.resume, ema=args.ema)
     val = load_samples(args.data, val_names, progress=not args.no_progress)
     models = cache = val_emb = None
     if args.val_metric == "sam":  # box validation of a detector needs no SAM at all
@@ -148,7 +148,7 @@ def _train_detector(args, base, models, train_names, val, val_emb, cache, cfg, w
         models.detector = model
         return evaluate(spec, models, val, val_emb, PipelineOptions(prompts="box"), device=device)
 
-    epoch_fn = make_train_epoch(len(train), batch_fn, cfg.batch_size, args.seed, loss, device)
+    epoch_fn = make_train_epoch(len(train), batch_fn, cfg.batch_size, args.seed, loss, device, args.giou)
 
     def train_epoch(model, opt, epoch):
         for m in frozen:
@@ -291,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-metric", default="sam", choices=["sam", "boxes"],
                    help="detector validation and threshold tuning: mDice of SAM's box pass (sam), or Dice of "
                         "the boxes against the GT boxes (boxes: needs no SAM weights, for image-reading detectors)")
+    p.add_argument("--giou", type=float, default=0.0,
+                   help="CenterNet detectors: weight of a GIoU loss on the decoded centre-cell boxes, next to "
+                        "the L1 on log size and offset (0: off)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="validate and keep an exponential moving average of the weights with this decay per "
+                        "step, e.g. 0.999 (0: the raw weights)")
     p.add_argument("--device", default="cpu", help="detector stage: cpu, cuda or cuda:N (other stages: cpu)")
     p.add_argument("--workers", type=int, default=1,
                    help="threads that augment the detector's training images (more keep a GPU fed)")

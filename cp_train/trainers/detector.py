@@ -104,11 +104,38 @@ def embedding_batches(samples: list[Sample], embeddings: torch.Tensor, cfg: Prep
     return batch
 
 
-def detector_loss(raw: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> torch.Tensor:
+def detector_loss(raw: dict[str, torch.Tensor], t: dict[str, torch.Tensor], giou: float = 0.0) -> torch.Tensor:
+    """CenterNet's loss: focal on the heatmap, L1 on log size and offset at the centre cells, plus
+    ``giou`` times a GIoU loss of the box those two decode to. L1 on log sizes weighs a box's
+    width and height apart; GIoU scores the box as the Dice against a GT box will, as a whole."""
     n = t["reg"].sum().clamp(min=1)
     size = (F.l1_loss(raw["size"], t["size"], reduction="none") * t["reg"]).sum() / n
     off = (F.l1_loss(torch.sigmoid(raw["offset"]), t["offset"], reduction="none") * t["reg"]).sum() / n
-    return centernet_focal(raw["heatmap"], t["heatmap"]) + 0.5 * size + off
+    loss = centernet_focal(raw["heatmap"], t["heatmap"]) + 0.5 * size + off
+    if giou:
+        cells = t["reg"][:, 0] > 0  # B x H x W
+        pred = _cell_boxes(torch.sigmoid(raw["offset"].float()), raw["size"].float().clamp(-10, 10), cells)
+        gt = _cell_boxes(t["offset"], t["size"], cells)
+        loss = loss + giou * (1 - generalized_iou(pred, gt)).sum() / n
+    return loss
+
+
+def _cell_boxes(offset: torch.Tensor, log_size: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Nx4 xyxy boxes, in cells relative to their own cell, decoded at the ``cells`` positions."""
+    c = offset.permute(0, 2, 3, 1)[cells]
+    wh = torch.exp(log_size.permute(0, 2, 3, 1)[cells])
+    return torch.cat([c - wh / 2, c + wh / 2], dim=1)
+
+
+def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise GIoU of two Nx4 xyxy box sets."""
+    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)  # noqa: E731
+    union = area(a) + area(b) - inter
+    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).prod(1)
+    iou = inter / union.clamp(min=1e-9)
+    return iou - (hull - union) / hull.clamp(min=1e-9)
 
 
 def _to(obj, device: torch.device | None):
@@ -123,15 +150,16 @@ def _to(obj, device: torch.device | None):
     return obj
 
 
-def make_train_epoch(n: int, batch_fn, batch_size: int, seed: int, loss=None, device: torch.device | None = None):
+def make_train_epoch(n: int, batch_fn, batch_size: int, seed: int, loss=None, device: torch.device | None = None,
+                     giou: float = 0.0):
     """One epoch over ``n`` samples; ``batch_fn(indices, rng)`` gives (inputs, targets), moved to
     ``device``, and ``loss(model, inputs, targets)`` the batch loss (default: CenterNet's,
-    :func:`detector_loss`)."""
+    :func:`detector_loss`, with GIoU weight ``giou``)."""
 
     def train_epoch(model, opt, epoch: int) -> float:
         def loss_fn(idx, rng):
             x, t = _to(batch_fn(idx, rng), device)
-            return detector_loss(model(x), t) if loss is None else loss(model, x, t)
+            return detector_loss(model(x), t, giou) if loss is None else loss(model, x, t)
 
         return shuffled_epoch(n, batch_size, seed, epoch, opt, loss_fn)
 

@@ -24,6 +24,7 @@ class LoopConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     resume: bool = False
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: none)
 
 
 def fit(
@@ -40,7 +41,10 @@ def fit(
     ``train_epoch(model, optimiser, epoch)`` returns the epoch's mean loss. After every epoch the
     model is validated, ``last.pt`` (model, optimiser, epoch, best) is written atomically and, on
     a new best, ``best.pt``; with ``cfg.resume`` training continues after the last saved epoch.
-    AdamW with a cosine schedule over ``cfg.epochs``.
+    AdamW with a cosine schedule over ``cfg.epochs``. With ``cfg.ema`` > 0 a moving average of the
+    weights (BatchNorm statistics included) is updated after every step, and it is the average
+    that is validated and kept: it is less sensitive to the last few batches than the raw weights,
+    which makes the best-epoch pick less of a lottery on a small validation split.
 
     Under ``torchrun`` ``train_epoch`` gets the model wrapped in DistributedDataParallel, every
     rank validates (the same data, so they agree on the best epoch) and rank 0 alone writes the
@@ -52,11 +56,15 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, cfg.epochs) / cfg.epochs))
     )
+    ema = _ema(model, cfg.ema, opt)
+    evaluated = ema.module if ema is not None else model
     start, best, best_state = 0, -1.0, None
     last, best_path, log = work / "last.pt", work / "best.pt", work / "log.jsonl"
     if cfg.resume and last.is_file():
         ck = torch.load(last, weights_only=False, map_location="cpu")
         model.load_state_dict(ck["model"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start, best = ck["epoch"] + 1, ck["best"]
@@ -73,9 +81,9 @@ def fit(
         model.train()
         loss = train_epoch(trained, opt, epoch)
         sched.step()
-        model.eval()
+        evaluated.eval()
         with torch.no_grad():
-            val = validate(model)
+            val = validate(evaluated)
         rec = {"epoch": epoch + 1, "loss": round(float(loss), 5), **{k: round(float(v), 5) for k, v in val.items()},
                "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 1)}
         improved = val["mDice"] > best
@@ -85,15 +93,27 @@ def fit(
             with log.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             if improved:
-                _atomic_save({"model": model.state_dict(), "epoch": epoch, "val": val}, best_path)
+                _atomic_save({"model": evaluated.state_dict(), "epoch": epoch, "val": val}, best_path)
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "epoch": epoch, "best": best}, last)
+                          "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
+                          **({"ema": ema.state_dict()} if ema is not None else {})}, last)
             print(f"[{name}] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} "
                   + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + (" *best*" if improved else ""), flush=True)
         distributed.barrier()  # best.pt is read by every rank at the end
     if best_path.is_file():
         best_state = torch.load(best_path, weights_only=False, map_location="cpu")["model"]
-    return best_state if best_state is not None else model.state_dict()
+    return best_state if best_state is not None else evaluated.state_dict()
+
+
+def _ema(model: nn.Module, decay: float, opt: torch.optim.Optimizer):
+    """An ``AveragedModel`` of ``model`` updated after each ``opt`` step, or None for decay 0."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    opt.register_step_post_hook(lambda *_: ema.update_parameters(model))
+    return ema
 
 
 def shuffled_epoch(

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from cp_deploy.bundle import load_bundle
@@ -100,7 +101,7 @@ def test_detector_trains_without_sam_on_box_validation(dataset, tiny_bundle, tmp
     monkeypatch.setattr(cli, "build_models", no_sam)
     out = tmp_path / "bundle"
     extra = ["--epochs", "3", "--detector-size", "64", "--batch-size", "3", "--val-metric", "boxes",
-             "--workers", "3", "--detector-freeze", "0"]
+             "--workers", "3", "--detector-freeze", "0", "--giou", "2", "--ema", "0.9"]
     assert train_main(["detector", *_args(dataset, out, tiny_bundle.root, *extra)]) == 0
     work = Path(f"{out}-work") / "detector"
     logs = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
@@ -123,6 +124,60 @@ def test_augmented_batches_do_not_depend_on_the_worker_count(dataset):
     idx = np.arange(6)
     (x1, t1), (x4, t4) = (image_batches(samples, cfg, 8, workers=w)(idx, np.random.default_rng(3)) for w in (1, 4))
     assert (x1 == x4).all() and all((t1[k] == t4[k]).all() for k in t1)
+
+
+def test_generalized_iou_and_the_detector_loss_by_hand():
+    import torch
+
+    from cp_train.trainers.detector import centernet_targets, detector_loss, generalized_iou
+
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    b = torch.tensor([[0.0, 0.0, 2.0, 2.0], [1.0, 0.0, 3.0, 2.0], [2.0, 0.0, 3.0, 1.0]])
+    # identical: 1; half overlap: IoU 2/6, hull = union; disjoint: IoU 0, hull 3, union 2
+    assert torch.allclose(generalized_iou(a, b), torch.tensor([1.0, 1 / 3, -1 / 3]))
+    t = {k: v[None] for k, v in centernet_targets(np.array([[10.0, 4.0, 42.0, 20.0]]), 8, 8).items()}
+    logit = lambda p: torch.log(p / (1 - p))  # noqa: E731
+    exact = {"heatmap": torch.where(t["heatmap"] == 1, 20.0, -20.0), "size": t["size"].clone(),
+             "offset": logit(t["offset"].clamp(0.01, 0.99))}
+    assert t["offset"][:, :, 1, 3].tolist() == [[0.25, 0.5]]  # the centre cell's; its logits are exact
+    base = detector_loss(exact, t)
+    assert torch.isclose(detector_loss(exact, t, giou=2.0), base, atol=1e-5)  # a perfect box costs nothing
+    wider = dict(exact, size=exact["size"] + torch.tensor([0.5, 0.0]).view(1, 2, 1, 1))
+    iou = 1 / np.exp(0.5)  # same centre and height, width x e^0.5: IoU = hull-IoU = e^-0.5
+    extra = detector_loss(wider, t, giou=2.0) - detector_loss(wider, t)
+    assert torch.isclose(extra, torch.tensor(2 * (1 - iou), dtype=extra.dtype), atol=1e-5)
+
+
+def test_ema_weights_are_validated_and_kept(tmp_path):
+    """With LoopConfig.ema, fit validates and returns the moving average of the weights after each
+    optimiser step (the first step copies them), not the raw weights."""
+    import torch
+
+    from cp_train.trainers.loop import LoopConfig, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    seen: list[torch.Tensor] = []
+    decay = 0.8
+
+    def train_epoch(m, opt, epoch):
+        for _ in range(3):
+            loss = (m(torch.randn(4, 3)) - 1).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen.append(m.weight.detach().clone())
+        return float(loss.detach())
+
+    calls = iter(range(100))
+    state = fit("ema", model, list(model.parameters()), train_epoch, lambda m: {"mDice": next(calls)},
+                LoopConfig(epochs=2, lr=0.1, ema=decay), tmp_path)
+    expected = seen[0]
+    for w in seen[1:]:
+        expected = decay * expected + (1 - decay) * w
+    assert torch.allclose(state["weight"], expected, atol=1e-6)
+    assert not torch.allclose(state["weight"], model.weight)
+    assert "ema" in torch.load(tmp_path / "ema" / "last.pt", weights_only=False)
 
 
 def test_box_validation_scores_the_ground_truth_boxes_one():
