@@ -37,7 +37,8 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
     t0 = time.perf_counter()
     base = load_bundle(base_dir)
     names = read_split(args.split)
-    train_names, val_names = carve_validation(names, args.val_fraction, args.seed)
+    val_seed = args.seed if args.val_seed is None else args.val_seed
+    train_names, val_names = carve_validation(names, args.val_fraction, val_seed)
     if args.max_images:
         train_names = train_names[: args.max_images]
     cfg = LoopConfig(epochs=args.epochs or DEFAULT_EPOCHS[stage], batch_size=args.batch_size or DEFAULT_BATCH[stage],
@@ -192,6 +193,7 @@ def _train_keypoints(args, base, models, train, targets, emb, val, val_emb, cfg,
     arch = args.keypoint_arch or old.arch
     if arch == "hrnet":
         kp_cfg = dict(old.config) if old.arch == "hrnet" else hrnet_keypoint_config()
+        kp_cfg.pop("members", None)  # from an ensemble base, train one fresh member
         kp_cfg.update({k: v for k, v in (("backbone", args.keypoint_backbone), ("crop_size", args.keypoint_crop)) if v})
         size = args.keypoint_size or (old.preprocess or base.preprocess).image_size
     else:
@@ -200,7 +202,7 @@ def _train_keypoints(args, base, models, train, targets, emb, val, val_emb, cfg,
             val_emb.shape[1], base.preprocess.image_size // val_emb.shape[-1])
     entry = keypoint_entry(arch, kp_cfg, size)
     spec = copy.copy(base)
-    if old.arch == arch and old.config == kp_cfg:
+    if old.arch == arch and old.config == kp_cfg and args.keypoint_init == "base":
         net = models.keypoints  # fine-tune the base's own weights
     else:
         net = build_keypoint_net(arch, kp_cfg)
@@ -314,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "efficientnet_lite0 starts from the pip package's ImageNet weights)")
     p.add_argument("--keypoint-backbone-checkpoint", default=None,
                    help="local timm HRNet checkpoint (e.g. ImageNet) to start the hrnet backbone from")
+    p.add_argument("--keypoint-init", default="base", choices=["base", "fresh"],
+                   help="keypoint net with the base bundle's arch and config: fine-tune the base's weights (base), "
+                        "or start afresh (backbone from ImageNet where it has such weights), e.g. for another "
+                        "ensemble member")
     p.add_argument("--keypoint-crop", type=int, default=None,
                    help="hrnet crop side in pixels, a multiple of 32 (default 256; heatmaps are 1/4 of it)")
     p.add_argument("--keypoint-size", type=int, default=None,
@@ -322,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedding cache folder")
     p.add_argument("--work-dir", default=None, help="checkpoints and logs (default: OUT-work)")
     p.add_argument("--resume", action="store_true", help="continue each stage from its last saved epoch")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=int, default=0, help="random seed (also of the validation split, unless --val-seed)")
+    p.add_argument("--val-seed", type=int, default=None,
+                   help="seed of the carved validation split alone, e.g. to train ensemble members with different "
+                        "--seed on the same split")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

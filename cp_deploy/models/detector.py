@@ -71,6 +71,32 @@ def decode_centernet(
     return out
 
 
+class CenterNetEnsemble(nn.Module):
+    """N CenterNets of one arch on the same input, fused map by map into one CenterNet output:
+    the mean of the centre probabilities (returned as a logit), of the log sizes and of the offset
+    logits. The fusion is inside ``forward``, so decoding, engines and the exported graph stay those
+    of a single CenterNet. Independently trained members disagree most on the hard images'
+    box extents, which averaging evens out (docs/TRAINING.md has the measurements); their weights
+    cannot be averaged instead: runs from the same ImageNet start end in different basins."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.reads, self.output_names = members[0].reads, members[0].output_names
+        self.stride = members[0].stride
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = [m(x) for m in self.members]
+        if len(outs) == 1:
+            return outs[0]
+        p = torch.stack([torch.sigmoid(o["heatmap"].float()) for o in outs]).mean(0).clamp(1e-6, 1 - 1e-6)
+        return {"heatmap": torch.log(p) - torch.log1p(-p),
+                "size": torch.stack([o["size"] for o in outs]).mean(0),
+                "offset": torch.stack([o["offset"] for o in outs]).mean(0)}
+
+
 DETECTOR_ARCHS = ("embedding_centernet", "lite0_centernet", "grounding_dino")
 # Detectors conditioned on the bundle's ``prompt.text`` (baked into their exported graphs).
 TEXT_PROMPTED = ("grounding_dino",)
@@ -79,12 +105,16 @@ TEXT_PROMPTED = ("grounding_dino",)
 def build_detector(arch: str, config: dict, text: str = "polyp", root: str | Path | None = None) -> nn.Module:
     """A detector from its bundle entry (``arch`` and ``config``). ``text`` is the bundle's prompt
     (for text-prompted detectors); relative paths in ``config`` are resolved against ``root``."""
-    if arch == "embedding_centernet":
-        return EmbeddingCenterNet(**config)
-    if arch == "lite0_centernet":
+    if arch in ("embedding_centernet", "lite0_centernet"):
+        cfg = dict(config)
+        members = int(cfg.pop("members", 1))  # > 1: an ensemble, its weights prefixed members.I.
+        if members > 1:
+            return CenterNetEnsemble([build_detector(arch, cfg) for _ in range(members)])
+        if arch == "embedding_centernet":
+            return EmbeddingCenterNet(**cfg)
         from cp_deploy.models.efficientnet import Lite0CenterNet
 
-        return Lite0CenterNet(**config)
+        return Lite0CenterNet(**cfg)
     if arch == "grounding_dino":
         from cp_deploy.models.grounding_dino import GroundingDinoDetector
 

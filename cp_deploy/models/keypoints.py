@@ -96,17 +96,37 @@ class EmbeddingKeypointNet(nn.Module):
         return self.body(crops)
 
 
+class KeypointEnsemble(nn.Module):
+    """N keypoint nets of one arch and config on the same crops, fused by averaging their heatmap
+    logits (the spatial softmax of the mean is the normalised geometric mean of the members'
+    maps), so decoding and the exported graph stay a single net's."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(features, rois) for m in self.members]).mean(0)
+
+
 def keypoint_reads(arch: str) -> str:
     """What keypoint net ``arch`` reads: ``image`` (top-down on image crops) or ``embedding``."""
     return "image" if arch == "hrnet" else "embedding"
 
 
 def build_keypoint_net(arch: str, config: dict) -> nn.Module:
-    """A keypoint net from its bundle entry (``arch`` and ``config``)."""
+    """A keypoint net from its bundle entry (``arch`` and ``config``; ``members`` > 1 in the config
+    makes a :class:`KeypointEnsemble`, its weights prefixed ``members.I.``)."""
+    cfg = dict(config)
+    members = int(cfg.pop("members", 1))
+    if members > 1:
+        return KeypointEnsemble([build_keypoint_net(arch, cfg) for _ in range(members)])
     if arch == "embedding_heatmap":
-        return EmbeddingKeypointNet(**config)
+        return EmbeddingKeypointNet(**cfg)
     if arch == "hrnet":
         from cp_deploy.models.hrnet import HRNetKeypointNet  # it imports this module
 
-        return HRNetKeypointNet(**config)
+        return HRNetKeypointNet(**cfg)
     raise ValueError(f"unknown keypoint arch {arch!r}; known: embedding_heatmap, hrnet")

@@ -35,6 +35,28 @@ def test_centernet_decoding():
     assert scores[0] > 0.99
 
 
+def test_centernet_ensemble_fuses_maps_and_loads_strictly():
+    from cp_deploy.models.detector import build_detector
+
+    torch.manual_seed(0)
+    single = build_detector("lite0_centernet", {"fpn": 16, "stride": 8}).eval()
+    ens = build_detector("lite0_centernet", {"fpn": 16, "stride": 8, "members": 2}).eval()
+    # two copies of one member fuse to that member (probabilities averaged, then back to logits)
+    load_strict(ens, {f"members.{i}.{k}": v for i in range(2) for k, v in single.state_dict().items()}, "two copies")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = single(x), ens(x)
+        assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+        other = build_detector("lite0_centernet", {"fpn": 16, "stride": 8}).eval()
+        ens.members[1].load_state_dict(other.state_dict())
+        fused, o = ens(x), other(x)
+    mean_p = (torch.sigmoid(a["heatmap"]) + torch.sigmoid(o["heatmap"])) / 2
+    assert torch.allclose(torch.sigmoid(fused["heatmap"]), mean_p, atol=1e-5)
+    assert torch.allclose(fused["size"], (a["size"] + o["size"]) / 2, atol=1e-6)
+    with pytest.raises(WeightsError):  # a single detector's keys do not load into an ensemble
+        load_strict(ens, single.state_dict(), "one member")
+
+
 def test_strict_loading_names_the_keys():
     sam = build_sam("tiny")
     state = sam.state_dict()

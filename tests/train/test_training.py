@@ -213,3 +213,72 @@ def test_refine_point_jitter_and_validation_points_reach_the_trainer(dataset, ti
     extra = ["--epochs", "1", "--point-jitter", "0.05", "--refine-points", "predicted"]
     assert train_main(["sam-refine", *_args(dataset, out, tiny_bundle.root, *extra)]) == 0
     assert seen == {"jitter": [0.05], "gt_points": [False]}
+
+
+def test_ensemble_bundle_from_trained_detectors(dataset, tiny_bundle, tmp_path):
+    """python -m cp_train.ensemble fuses trained lite0 detectors into a bundle cp-deploy runs, and
+    refuses members that cannot be fused, naming the bundle."""
+    import torch
+
+    from cp_train.ensemble import main as ensemble_main
+
+    runs = []
+    for seed, size in ((0, 64), (1, 64), (0, 96)):
+        out = tmp_path / f"det{seed}-{size}"
+        extra = ["--epochs", "1", "--detector-size", str(size), "--batch-size", "3", "--val-metric", "boxes",
+                 "--seed", str(seed)]
+        assert train_main(["detector", *_args(dataset, out, tiny_bundle.root, *extra)]) == 0
+        runs.append(out)
+    ens = tmp_path / "ens"
+    assert ensemble_main(["--out", str(ens), str(runs[0]), str(runs[1])]) == 0
+    bundle = load_bundle(ens)
+    assert bundle.detector.config["members"] == 2 and bundle.keypoints.arch == load_bundle(runs[0]).keypoints.arch
+    models = build_models(bundle)  # strict load of members.0.* and members.1.*
+    members = [build_models(load_bundle(r)).detector for r in runs[:2]]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        p = torch.stack([torch.sigmoid(m(x)["heatmap"]) for m in members]).mean(0)
+        assert torch.allclose(torch.sigmoid(models.detector(x)["heatmap"]), p, atol=2e-3)  # fp16 storage
+    img = cv2.imread(str(dataset / "images" / "s00.png"))
+    (res,) = CurriculumPipeline(bundle, TorchEngine(bundle)).predict([img])
+    assert res.mask.shape == img.shape[:2]
+    with pytest.raises(SystemExit, match="det0-96.*differs"):
+        ensemble_main(["--out", str(tmp_path / "bad"), str(runs[0]), str(runs[2])])
+    with pytest.raises(SystemExit, match="members must each be a single"):
+        ensemble_main(["--out", str(tmp_path / "bad"), str(ens), str(runs[0])])
+
+
+def test_keypoint_ensemble_members_share_the_validation_split(dataset, tiny_bundle, tmp_path, monkeypatch):
+    """--seed 1 --val-seed 0 trains a fresh keypoint member on the split seed 0 carved, and
+    python -m cp_train.ensemble --stage keypoints fuses the members by their mean heatmap logits."""
+    import torch
+
+    import cp_train.cli as cli
+    from cp_train.ensemble import main as ensemble_main
+
+    seeds = []
+    carve = cli.carve_validation
+    monkeypatch.setattr(cli, "carve_validation", lambda n, f, s: seeds.append(s) or carve(n, f, s))
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"kp{seed}"
+        extra = ["--epochs", "1", "--seed", str(seed), "--val-seed", "0", "--keypoint-init", "fresh"]
+        assert train_main(["keypoints", *_args(dataset, out, tiny_bundle.root, *extra)]) == 0
+        runs.append(out)
+    assert seeds == [0, 0]
+    ens = tmp_path / "kp-ens"
+    assert ensemble_main(["--stage", "keypoints", "--out", str(ens), *map(str, runs)]) == 0
+    bundle = load_bundle(ens)
+    assert bundle.keypoints.config["members"] == 2
+    nets = [build_models(load_bundle(r)).keypoints for r in runs]
+    fused = build_models(bundle).keypoints
+    side = bundle.preprocess.image_size
+    with torch.no_grad():
+        feats = torch.randn(1, *build_models(bundle).image_encoder(torch.zeros(1, 3, side, side)).shape[1:])
+    rois = torch.tensor([[0.0, 2.0, 2.0, 10.0, 12.0]])
+    with torch.no_grad():
+        mean = torch.stack([n(feats, rois) for n in nets]).mean(0)
+        assert torch.allclose(fused(feats, rois), mean, atol=5e-3)  # members stored in fp16
+    img = cv2.imread(str(dataset / "images" / "s00.png"))
+    (res,) = CurriculumPipeline(bundle, TorchEngine(bundle)).predict([img])
+    assert res.points.shape[1:] == (8, 2)
