@@ -215,7 +215,7 @@ def test_refine_point_jitter_and_validation_points_reach_the_trainer(dataset, ti
     assert seen == {"jitter": [0.05], "gt_points": [False]}
 
 
-def test_ensemble_bundle_from_trained_detectors(dataset, tiny_bundle, tmp_path):
+def test_ensemble_bundle_from_trained_detectors(dataset, tiny_bundle, tmp_path, capsys):
     """python -m cp_train.ensemble fuses trained lite0 detectors into a bundle cp-deploy runs, and
     refuses members that cannot be fused, naming the bundle."""
     import torch
@@ -230,8 +230,14 @@ def test_ensemble_bundle_from_trained_detectors(dataset, tiny_bundle, tmp_path):
         assert train_main(["detector", *_args(dataset, out, tiny_bundle.root, *extra)]) == 0
         runs.append(out)
     ens = tmp_path / "ens"
-    assert ensemble_main(["--out", str(ens), str(runs[0]), str(runs[1])]) == 0
+    tuning = ["--data", str(dataset), "--split", str(dataset / "train.txt"), "--val-fraction", "0.25"]
+    capsys.readouterr()  # forget the members' own training output
+    assert ensemble_main(["--out", str(ens), str(runs[0]), str(runs[1]), *tuning]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sum(line.startswith("[detector] val {") for line in lines) == 12  # the tuning grid ran
+    printed = json.loads(lines[-1])
     bundle = load_bundle(ens)
+    assert printed["tuned"]["score_threshold"] == bundle.prompt.score_threshold  # re-tuned on validation
     assert bundle.detector.config["members"] == 2 and bundle.keypoints.arch == load_bundle(runs[0]).keypoints.arch
     models = build_models(bundle)  # strict load of members.0.* and members.1.*
     members = [build_models(load_bundle(r)).detector for r in runs[:2]]
