@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the L1 on log size and offset (0: off)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="validate and keep an exponential moving average of the weights with this decay per "
-                        "step, e.g. 0.999 (0: the raw weights)")
+                        "step, e.g. 0.99 (0: the raw weights)")
     p.add_argument("--device", default="cpu", help="detector stage: cpu, cuda or cuda:N (other stages: cpu)")
     p.add_argument("--workers", type=int, default=1,
                    help="threads that augment the detector's training images (more keep a GPU fed)")
