@@ -63,7 +63,7 @@ def fit(
     if cfg.resume and last.is_file():
         ck = torch.load(last, weights_only=False, map_location="cpu")
         model.load_state_dict(ck["model"])
-        if ema is not None:
+        if ema is not None and "ema" in ck:  # else (a run without --ema) the average restarts here
             ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
