@@ -19,7 +19,7 @@ import torch
 from cp_deploy.bundle import load_bundle
 from cp_deploy.models.build import build_models
 from cp_deploy.pipeline import PipelineOptions
-from cp_train.data import EmbeddingCache, load_samples, read_split
+from cp_train.data import DEFAULT_CACHE_DIR, EmbeddingCache, load_samples, read_split
 from cp_train.evaluate import evaluate
 
 ROWS = [
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--bundle", default=None, help="bundle directory (default: the shipped one)")
     ap.add_argument("--data", required=True, help="dataset folder with images/ and masks/")
     ap.add_argument("--split", required=True, help="names to score")
-    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "curriculum-prompting"), help="embedding cache")
+    ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="embedding cache")
     ap.add_argument("--rows", default="all", help="comma-separated row numbers (1-based) or 'all'")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()

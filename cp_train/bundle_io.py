@@ -48,6 +48,17 @@ def derive_bundle(base: Bundle, out: str | Path, replace: dict[str, tuple[dict |
     return write_bundle(out, spec, {k: v[1] for k, v in replace.items()}, weight_dtype=torch.float16)
 
 
+def update_spec(bundle_dir: str | Path, section: str, values: dict) -> None:
+    """Merge ``values`` into ``section`` (e.g. ``prompt``, ``metadata``) of a written bundle's
+    bundle.json, atomically; weights and their hashes are untouched."""
+    path = Path(bundle_dir) / BUNDLE_FILE
+    spec = json.loads(path.read_text())
+    spec.setdefault(section, {}).update(values)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _copy(src: Path, out_dir: Path) -> None:
     dst = out_dir / src.name
     if src.resolve() != dst.resolve():

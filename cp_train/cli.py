@@ -23,7 +23,7 @@ from cp_deploy.pipeline import PipelineOptions
 from cp_deploy.preprocess import PreprocessConfig
 from cp_train import distributed
 from cp_train.bundle_io import derive_bundle
-from cp_train.data import EmbeddingCache, carve_validation, load_samples, read_split
+from cp_train.data import DEFAULT_CACHE_DIR, EmbeddingCache, carve_validation, load_samples, read_split
 from cp_train.evaluate import evaluate, evaluate_boxes
 from cp_train.trainers.loop import LoopConfig, fit
 
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hrnet crop side in pixels, a multiple of 32 (default 256; heatmaps are 1/4 of it)")
     p.add_argument("--keypoint-size", type=int, default=None,
                    help="hrnet input size (longest side) the crops are taken from (default: the SAM's)")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "curriculum-prompting"),
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
                    help="embedding cache folder")
     p.add_argument("--work-dir", default=None, help="checkpoints and logs (default: OUT-work)")
     p.add_argument("--resume", action="store_true", help="continue each stage from its last saved epoch")

@@ -113,6 +113,9 @@ def encoder_id(bundle: Bundle) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "curriculum-prompting"
+
+
 class EmbeddingCache:
     """Frozen-encoder embeddings on disk (fp16, one file per image), computed once.
 

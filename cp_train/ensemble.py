@@ -28,7 +28,7 @@ from pathlib import Path
 from cp_deploy.bundle import Bundle, load_bundle
 from cp_deploy.models.build import stage_entry
 from cp_deploy.models.weights import read_state_dict
-from cp_train.bundle_io import derive_bundle
+from cp_train.bundle_io import derive_bundle, update_spec
 
 ENSEMBLE_ARCHS = {"detector": ("lite0_centernet", "embedding_centernet"),
                   "keypoints": ("hrnet", "embedding_heatmap")}
@@ -71,15 +71,14 @@ def tune(bundle: Bundle, data: str, split: str, val_fraction: float = 0.1, seed:
 
     from cp_deploy.models.build import build_models
     from cp_train.cli import tune_detection
-    from cp_train.data import EmbeddingCache, carve_validation, load_samples, read_split
+    from cp_train.data import DEFAULT_CACHE_DIR, EmbeddingCache, carve_validation, load_samples, read_split
 
     _, val_names = carve_validation(read_split(split), val_fraction, seed)
     val = load_samples(data, val_names, progress=False)
     models = build_models(bundle)
     val_emb = None
     if metric == "sam":
-        cache = EmbeddingCache(cache_dir or Path.home() / ".cache" / "curriculum-prompting", bundle,
-                               models.image_encoder)
+        cache = EmbeddingCache(cache_dir or DEFAULT_CACHE_DIR, bundle, models.image_encoder)
         with torch.no_grad():
             val_emb = cache.fill(val, progress=False)
     with tempfile.TemporaryDirectory() as work:
@@ -109,12 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("cp_train.ensemble: --data/--split re-tune a detector's threshold; keypoints have none")
     try:
         members = [load_bundle(m) for m in a.members]
-        base = load_bundle(a.base) if a.base else None
-        bundle = ensemble_bundles(members, a.out, a.stage, base)
+        bundle = ensemble_bundles(members, a.out, a.stage, load_bundle(a.base) if a.base else None)
         prompt = None
         if a.data and a.stage == "detector":
             prompt = tune(bundle, a.data, a.split, a.val_fraction, a.seed, a.val_metric, a.cache_dir)
-            ensemble_bundles(members, a.out, a.stage, base, prompt=prompt)
+            update_spec(a.out, "prompt", prompt)
     except ValueError as e:
         raise SystemExit(f"cp_train.ensemble: {e}") from None
     print(json.dumps({"bundle": a.out, "stage": a.stage, "members": len(members), "tuned": prompt}))

@@ -105,17 +105,13 @@ def score_folder(bundle: Bundle, folder: str | Path, options: PipelineOptions | 
 
 def record_examples(bundle_dir: str | Path, folder: str | Path) -> dict:
     """Score the curriculum on ``folder`` and record it in the bundle's metadata (bundle.json)."""
-    from cp_deploy.bundle import BUNDLE_FILE, load_bundle
+    from cp_deploy.bundle import load_bundle
+    from cp_train.bundle_io import update_spec
 
     bundle = load_bundle(bundle_dir)
     scores = score_folder(bundle, folder)
-    path = bundle.root / BUNDLE_FILE
-    spec = json.loads(path.read_text())
     rounded = {k: round(v, 4) for k, v in scores.items()}
-    spec.setdefault("metadata", {})["examples"] = {"prompts": "curriculum", **rounded}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(spec, indent=2) + "\n")
-    tmp.replace(path)
+    update_spec(bundle.root, "metadata", {"examples": {"prompts": "curriculum", **rounded}})
     return scores
 
 
