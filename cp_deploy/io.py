@@ -101,6 +101,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files a killed :func:`atomic_write_bytes` left under ``folder``
+    (``.NAME.XXXX.tmp``); their outputs were never journalled, so a resumed run writes them again.
+    Returns how many were removed."""
+    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file()] if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def encode_image(image: np.ndarray, ext: str, quality: int = 90) -> bytes:
     """RGB or single-channel uint8 -> encoded bytes for ``ext`` ('.png' or '.jpg')."""
     if image.ndim == 3:

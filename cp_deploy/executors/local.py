@@ -27,7 +27,15 @@ import numpy as np
 from tqdm import tqdm
 
 from cp_deploy.formats import Decoded, ReadOptions, read_input
-from cp_deploy.io import RunJournal, atomic_write_bytes, discover_images, encode_image, read_mask, write_mask
+from cp_deploy.io import (
+    RunJournal,
+    atomic_write_bytes,
+    discover_images,
+    encode_image,
+    read_mask,
+    remove_stale_temporaries,
+    write_mask,
+)
 from cp_deploy.pipeline import CurriculumPipeline, ImageResult
 from cp_deploy.preprocess import to_rgb_uint8
 
@@ -270,6 +278,7 @@ def plan_run(root: Path, out: Path, resume: bool, medical: bool = False
     """Every input, its mask name, the run journal (earlier records loaded on ``resume``, else
     cleared) and the inputs still to do. ``medical`` also lists DICOM and NIfTI files."""
     files = discover_images(root, medical=medical)
+    remove_stale_temporaries(out)  # half-written outputs of a killed run
     journal = RunJournal(out)
     if resume:
         journal.load()

@@ -179,6 +179,23 @@ def test_killed_process_loses_nothing(tiny_bundle, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_resume_removes_half_written_outputs(tiny_bundle, tmp_path):
+    """A SIGKILL during an atomic write leaves its temporary file; the next run deletes it (the
+    kill test above catches that only when the kill lands mid-write)."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    make_images(inp, 2, sizes=((64, 80),))
+    stale = out / "masks" / ".img_000.png.abc123.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a png")
+    keep = out / "masks" / "notes.tmp"  # not an atomic write's temporary: left alone
+    keep.write_bytes(b"user file")
+    cmd = [sys.executable, "-m", "cp_deploy.cli", "batch", "--input", str(inp), "--output", str(out),
+           "--bundle", str(tiny_bundle.root), "--no-progress", "--resume"]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert not stale.exists() and keep.exists()
+    assert len(_lines(out)) == 2
+
+
 def test_eval_matches_hand_computed(tmp_path, capsys):
     pred, gt = tmp_path / "pred" / "masks", tmp_path / "gt"
     pred.mkdir(parents=True)
