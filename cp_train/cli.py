@@ -19,7 +19,7 @@ from cp_deploy.models.build import (
     stage_entry,
 )
 from cp_deploy.models.keypoints import build_keypoint_net, keypoint_reads
-from cp_deploy.pipeline import PipelineOptions
+from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 from cp_deploy.preprocess import PreprocessConfig
 from cp_train import distributed
 from cp_train.bundle_io import derive_bundle
@@ -77,8 +77,16 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
                 gt_points = head_name == "refine" and args.refine_points == "gt"
                 return evaluate(base, models, val, val_emb, opts, gt_boxes=True, gt_points=gt_points)
 
-            fn = make_sam_epoch(head_name, targets, emb, cfg.batch_size, args.seed,
-                                box_head=models.box.eval(), edge_label=edge_label, point_jitter=args.point_jitter)
+            source = None
+            if head_name == "refine" and args.refine_train_points == "predicted":
+                from cp_deploy.engines.torch import TorchEngine
+                from cp_train.trainers.sam import predicted_points
+
+                models.keypoints.eval()
+                pipe = CurriculumPipeline(base, TorchEngine(base, models=models), PipelineOptions(prompts="curriculum"))
+                source = predicted_points(pipe, train, targets, emb)
+            fn = make_sam_epoch(head_name, targets, emb, cfg.batch_size, args.seed, box_head=models.box.eval(),
+                                edge_label=edge_label, point_jitter=args.point_jitter, point_source=source)
             state = fit(stage, head, list(head.parameters()), fn, validate, cfg, work)
             replace = {head_name: (None, state)}
         else:
@@ -305,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point-jitter", type=float, default=0.02,
                    help="sam-refine: Gaussian noise on the training edge points, as a fraction of the box side "
                         "(match it to the keypoint net's error)")
+    p.add_argument("--refine-train-points", default="gt", choices=["gt", "predicted"],
+                   help="sam-refine training: ground-truth edge points, or the base bundle's keypoint net's points "
+                        "on each jittered box (the errors the deployed curriculum sees), both plus --point-jitter")
     p.add_argument("--refine-points", default="gt", choices=["gt", "predicted"],
                    help="sam-refine validation: ground-truth edge points, or those of the base bundle's keypoint "
                         "net (what the deployed curriculum sees; needs a trained keypoint net)")

@@ -1,6 +1,7 @@
 """SAM head training on cached embeddings: ``box`` on jittered GT boxes; ``refine`` on the
-trained box head's coarse logits plus jittered GT edge points labelled with the edge label; the
-keypoint net on crops of the embedding or of the image around jittered GT boxes."""
+trained box head's coarse logits plus edge points labelled with the edge label (jittered GT
+points, or the keypoint net's on the same jittered box); the keypoint net on crops of the
+embedding or of the image around jittered GT boxes."""
 
 from __future__ import annotations
 
@@ -59,22 +60,30 @@ def make_sam_epoch(
     edge_label: int = 0,
     box_jitter: float = 0.1,
     point_jitter: float = 0.02,
+    point_source: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ):
-    """One epoch over instances in batches of ``batch_size`` (the paper's batch 4)."""
+    """One epoch over instances in batches of ``batch_size`` (the paper's batch 4).
+
+    ``refine`` trains on the GT edge points, or with ``point_source`` (instance indices, their
+    jittered boxes in original pixels -> Nx8x2 points) on predicted ones, both plus
+    ``point_jitter`` noise.
+    """
 
     def train_epoch(head: PromptHead, opt, epoch: int) -> float:
         return shuffled_epoch(len(targets.image), batch_size, seed, epoch, opt, lambda idx, rng: step(head, idx, rng))
 
     def step(head: PromptHead, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         emb = embeddings[[targets.image[j] for j in idx]].float()
-        boxes = _to_input(targets, idx, jitter_boxes(targets.boxes[idx], rng, box_jitter), boxes=True)
+        jittered = jitter_boxes(targets.boxes[idx], rng, box_jitter)
+        boxes = _to_input(targets, idx, jittered, boxes=True)
         if stage == "box":
             logits, _ = head(emb, boxes=boxes)
         else:
             with torch.no_grad():
                 coarse, _ = box_head(emb, boxes=boxes)
             wh = np.maximum(targets.boxes[idx, 2:] - targets.boxes[idx, :2], 1.0)[:, None, :]
-            pts = targets.points[idx] + rng.normal(0, point_jitter, targets.points[idx].shape) * wh
+            pts = targets.points[idx] if point_source is None else point_source(idx, jittered)
+            pts = pts + rng.normal(0, point_jitter, pts.shape) * wh
             pts = _to_input(targets, idx, pts, boxes=False)
             labels = torch.full(pts.shape[:2], edge_label, dtype=torch.int64)
             logits, _ = head(emb, points=(pts, labels), mask_input=coarse)
@@ -122,3 +131,23 @@ def image_reader(samples: list[Sample], cfg: PreprocessConfig, augment: bool = T
                                              cfg)[0] for i in imgs])
 
     return read
+
+
+def predicted_points(pipeline, samples: list[Sample], targets: InstanceTargets,
+                     embeddings: torch.Tensor | None = None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A ``point_source`` for :func:`make_sam_epoch`: the edge points that ``pipeline``'s keypoint
+    net (a :class:`~cp_deploy.pipeline.CurriculumPipeline`) gives on each jittered box, so the
+    refine head learns to live with the keypoint net's errors as deployed, instead of trusting
+    near-perfect GT points."""
+
+    def source(idx: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        imgs = sorted(set(targets.image[j] for j in idx))
+        local = {g: k for k, g in enumerate(imgs)}
+        emb = embeddings[imgs].float() if embeddings is not None else None
+        with torch.no_grad():
+            pts, _ = pipeline.keypoints([samples[i].image for i in imgs], torch.as_tensor(boxes, dtype=torch.float32),
+                                        torch.tensor([local[targets.image[j]] for j in idx]), emb,
+                                        [targets.frames[i] for i in imgs])
+        return pts.numpy().astype(np.float64)
+
+    return source

@@ -196,11 +196,12 @@ def test_refine_point_jitter_and_validation_points_reach_the_trainer(dataset, ti
     import cp_train.cli as cli
     import cp_train.trainers.sam as sam
 
-    seen = {"jitter": [], "gt_points": []}
+    seen = {"jitter": [], "gt_points": [], "source": []}
     make, evaluate = sam.make_sam_epoch, cli.evaluate
 
     def spy_make(*a, **k):
         seen["jitter"].append(k["point_jitter"])
+        seen["source"].append(k["point_source"] is not None)
         return make(*a, **k)
 
     def spy_evaluate(*a, **k):
@@ -210,9 +211,57 @@ def test_refine_point_jitter_and_validation_points_reach_the_trainer(dataset, ti
     monkeypatch.setattr(sam, "make_sam_epoch", spy_make)
     monkeypatch.setattr(cli, "evaluate", spy_evaluate)
     out = tmp_path / "bundle"
-    extra = ["--epochs", "1", "--point-jitter", "0.05", "--refine-points", "predicted"]
+    extra = ["--epochs", "1", "--point-jitter", "0.05", "--refine-points", "predicted", "--refine-train-points",
+             "predicted"]
     assert train_main(["sam-refine", *_args(dataset, out, tiny_bundle.root, *extra)]) == 0
-    assert seen == {"jitter": [0.05], "gt_points": [False]}
+    assert seen == {"jitter": [0.05], "gt_points": [False], "source": [True]}
+
+
+def test_refine_trains_on_the_keypoint_nets_points_on_the_same_jittered_box(dataset, tiny_bundle, tmp_path):
+    """With ``point_source`` the refine head is prompted with what the deployed keypoint net gives
+    on the very box that made the coarse mask, not with the ground-truth edge points."""
+    import numpy as np
+    import torch
+
+    from cp_deploy.engines.torch import TorchEngine
+    from cp_deploy.models.build import build_models
+    from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
+    from cp_train.data import EmbeddingCache, load_samples
+    from cp_train.trainers.sam import instance_targets, make_sam_epoch, predicted_points
+
+    models = build_models(tiny_bundle)
+    samples = load_samples(dataset, ["s00", "s01", "s02", "s03"], progress=False)
+    with torch.no_grad():
+        emb = EmbeddingCache(tmp_path / "cache", tiny_bundle, models.image_encoder).fill(samples, progress=False)
+    targets = instance_targets(samples, tiny_bundle.preprocess.image_size, models.box.mask_input_size[0])
+    engine = TorchEngine(tiny_bundle, models=models)
+    pipe = CurriculumPipeline(tiny_bundle, engine, PipelineOptions(prompts="curriculum"))
+    source = predicted_points(pipe, samples, targets, emb)
+    calls, prompted, coarse_boxes = [], [], []
+
+    def spy(idx, boxes):
+        calls.append((idx.copy(), boxes.copy(), source(idx, boxes)))
+        return calls[-1][2]
+
+    models.refine.register_forward_hook(lambda m, i, kw, o: prompted.append(kw["points"][0].clone()), with_kwargs=True)
+    models.box.register_forward_hook(lambda m, i, kw, o: coarse_boxes.append(kw["boxes"].clone()), with_kwargs=True)
+    epoch = make_sam_epoch("refine", targets, emb, 2, seed=0, box_head=models.box, point_jitter=0.0,
+                           point_source=spy)
+    opt = torch.optim.AdamW(models.refine.parameters(), lr=1e-4)
+    epoch(models.refine, opt, 0)
+    assert len(calls) == len(prompted) == 2  # four instances, batch 2
+    for (idx, boxes, pts), seen, box_in in zip(calls, prompted, coarse_boxes):
+        frames = [targets.frames[targets.image[j]] for j in idx]
+        expect = np.stack([f.coords_to_input(p) for f, p in zip(frames, pts)])
+        np.testing.assert_allclose(seen.numpy(), expect, atol=1e-4)  # the net's points reach the head
+        np.testing.assert_allclose(box_in.numpy(), np.stack([f.boxes_to_input(b)[0] for f, b in zip(frames, boxes)]),
+                                   atol=1e-4)  # made from the same jittered box as the coarse mask
+        assert not np.allclose(pts, targets.points[idx], atol=0.5)  # not the ground truth
+        for j, b, p in zip(idx, boxes, pts):  # and what the pipeline's keypoint stage gives alone
+            alone, _ = pipe.keypoints([samples[targets.image[j]].image], torch.as_tensor(b[None], dtype=torch.float32),
+                                      torch.zeros(1, dtype=torch.long), emb[[targets.image[j]]].float(),
+                                      [targets.frames[targets.image[j]]])
+            np.testing.assert_allclose(p, alone[0].numpy(), atol=1e-3)
 
 
 def test_ensemble_bundle_from_trained_detectors(dataset, tiny_bundle, tmp_path, capsys):
