@@ -7,7 +7,9 @@
 #     "name: cp-train flags" per line; the default is the 2026-11-27 lease's three runs.
 # Prepare here first:  python -m benchmarks.gpu_data --data D --split D/splits/train.txt \
 #   --out .gpudata/kvasir-train --max-side 384 --quality 80, and the wheels in .whl/
-#   (benchmarks/gpu_env.sh); repo, wheels and data must fit the 64 MiB a call carries.
+#   (benchmarks/gpu_env.sh); repo, wheels and data must fit the 64 MiB a call carries. For more
+#   data, add --weightless-base .gpudata/base to gpu_data, move the bundle's *.safetensors out of
+#   the working tree for the call (git checkout puts them back) and set TRAIN_ARGS="--base .gpudata/base".
 # A CPU smoke run: BENCH_ARGS="--arch tiny --device cpu --images 4 --no-compile" DEVICE=cpu
 #   TRAIN_ARGS="--max-images 16" RUNS="a: --epochs 1
 #   b: --epochs 1 --giou 2 --ema 0.99" benchmarks/gpu_lease.sh

@@ -337,3 +337,25 @@ def test_keypoint_ensemble_members_share_the_validation_split(dataset, tiny_bund
     img = cv2.imread(str(dataset / "images" / "s00.png"))
     (res,) = CurriculumPipeline(bundle, TorchEngine(bundle)).predict([img])
     assert res.points.shape[1:] == (8, 2)
+
+
+def test_gpu_lease_base_without_weights_trains_a_detector(dataset, tmp_path):
+    """The base the GPU lease carries instead of the 42 MB of weights: the shipped bundle.json with
+    no weight file still loads, and a detector validated on its boxes trains from it."""
+    from benchmarks.gpu_data import pack, weightless_base
+
+    base = weightless_base(tmp_path / "base").parent
+    assert [p.name for p in base.iterdir()] == ["bundle.json"]
+    spec = load_bundle(base)
+    assert spec.detector.file is None and spec.keypoints.file is None and spec.box_head.file is None
+    packed = tmp_path / "packed"
+    assert pack(dataset, dataset / "train.txt", packed, max_side=64, quality=90) > 0
+    out = tmp_path / "det"
+    args = ["--data", str(packed), "--split", str(packed / "train.txt"), "--out", str(out), "--base", str(base),
+            "--val-fraction", "0.25", "--no-progress", "--epochs", "1", "--detector-size", "64", "--batch-size", "3",
+            "--val-metric", "boxes"]
+    assert train_main(["detector", *args]) == 0
+    trained = load_bundle(out)
+    assert trained.detector.file is not None and trained.detector.config.get("members", 1) == 1
+    last = (tmp_path / "det-work" / "detector" / "log.jsonl").read_text().splitlines()[-1]
+    assert np.isfinite(json.loads(last)["loss"])
