@@ -82,7 +82,6 @@ def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
                 from cp_deploy.engines.torch import TorchEngine
                 from cp_train.trainers.sam import predicted_points
 
-                models.keypoints.eval()
                 pipe = CurriculumPipeline(base, TorchEngine(base, models=models), PipelineOptions(prompts="curriculum"))
                 source = predicted_points(pipe, train, targets, emb)
             fn = make_sam_epoch(head_name, targets, emb, cfg.batch_size, args.seed, box_head=models.box.eval(),
