@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.ops import generalized_box_iou_loss
 
 from cp_deploy.preprocess import Frame, PreprocessConfig, preprocess_image
 from cp_train.data import Sample, augment
@@ -116,7 +117,7 @@ def detector_loss(raw: dict[str, torch.Tensor], t: dict[str, torch.Tensor], giou
         cells = t["reg"][:, 0] > 0  # B x H x W
         pred = _cell_boxes(torch.sigmoid(raw["offset"].float()), raw["size"].float().clamp(-10, 10), cells)
         gt = _cell_boxes(t["offset"], t["size"], cells)
-        loss = loss + giou * (1 - generalized_iou(pred, gt)).sum() / n
+        loss = loss + giou * generalized_box_iou_loss(pred, gt, reduction="sum") / n
     return loss
 
 
@@ -128,14 +129,8 @@ def _cell_boxes(offset: torch.Tensor, log_size: torch.Tensor, cells: torch.Tenso
 
 
 def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise GIoU of two Nx4 xyxy box sets."""
-    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)  # noqa: E731
-    union = area(a) + area(b) - inter
-    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).prod(1)
-    iou = inter / union.clamp(min=1e-9)
-    return iou - (hull - union) / hull.clamp(min=1e-9)
+    """Row-wise GIoU of two Nx4 xyxy box sets (torchvision's, which returns it as a loss)."""
+    return 1 - generalized_box_iou_loss(a, b)
 
 
 def _to(obj, device: torch.device | None):
