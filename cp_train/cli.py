@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from cp_deploy.bundle import EDGE_LABELS, StageSpec, load_bundle
+from cp_deploy.bundle import BUNDLE_FILE, EDGE_LABELS, BundleError, StageSpec, default_bundle_path, load_bundle
+from cp_deploy.io import InputError
 from cp_deploy.models.build import (
     build_models,
     embedding_keypoint_config,
@@ -19,17 +21,34 @@ from cp_deploy.models.build import (
     stage_entry,
 )
 from cp_deploy.models.keypoints import build_keypoint_net, keypoint_reads
+from cp_deploy.models.weights import WeightsError
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 from cp_deploy.preprocess import PreprocessConfig
 from cp_train import distributed
 from cp_train.bundle_io import derive_bundle
-from cp_train.data import DEFAULT_CACHE_DIR, EmbeddingCache, carve_validation, load_samples, read_split
+from cp_train.data import (
+    DEFAULT_CACHE_DIR,
+    DataError,
+    EmbeddingCache,
+    carve_validation,
+    check_dataset,
+    load_samples,
+    read_split,
+)
 from cp_train.evaluate import evaluate, evaluate_boxes
-from cp_train.trainers.loop import LoopConfig, fit
+from cp_train.trainers.loop import CheckpointError, LoopConfig, fit
 
 # sam-refine trains on GT edge points, so it comes before the keypoint net, whose validation
 # mDice then runs through the trained refine head.
 STAGES = ("detector", "sam-box", "sam-refine", "keypoints")
+
+
+class UsageError(RuntimeError):
+    """Flags that do not go together, or a path that cannot be used; the message says the fix."""
+
+
+# Mistakes in what the user passed: one line and exit 2, never a traceback.
+USER_ERRORS = (UsageError, DataError, CheckpointError, BundleError, WeightsError, InputError)
 
 
 def train_stage(stage: str, args: argparse.Namespace, base_dir: Path) -> Path:
@@ -180,7 +199,7 @@ def _grounding_dino(args, base, models):
         pre = PreprocessConfig(image_size=args.detector_size, normalize="meanstd")
         return build_detector("grounding_dino", det_cfg, base.prompt.text), det_cfg, pre
     if base.detector.arch != "grounding_dino":
-        raise SystemExit("cp-train detector --detector-arch grounding_dino needs --gdino-weights DIR (a local "
+        raise UsageError(f"{base.root}: the --base bundle has no Grounding DINO; pass --gdino-weights DIR (a local "
                          "Grounding DINO directory, e.g. grounding-dino-tiny) or a --base bundle with one")
     det_cfg = dict(base.detector.config)
     for key in ("tokenizer", "pretrained"):
@@ -356,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     created = distributed.init_from_env()
     try:
         return _run(args)
+    except USER_ERRORS as e:
+        print(f"cp-train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         if created:
             distributed.shutdown()
@@ -364,27 +386,64 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if not distributed.is_main():
         args.no_progress = True
-    base = Path(args.base) if args.base else None
-    if base is None:
-        from cp_deploy.bundle import default_bundle_path
-
-        base = default_bundle_path()
+    base = Path(args.base) if args.base else default_bundle_path()
+    if not (base / BUNDLE_FILE).is_file():
+        fix = "pass --base a bundle directory" if args.base else "reinstall the package or pass --base a bundle"
+        raise UsageError(f"{base}: no {BUNDLE_FILE} there, so it is not a bundle; {fix}")
+    base_bundle = load_bundle(base)  # checks the rest of the bundle before any work starts
     stages = STAGES if args.stage == "all" else (args.stage,)
     hrnet_flags = [f"--keypoint-{k.replace('_', '-')}" for k in ("backbone", "backbone_checkpoint", "crop", "size")
                    if getattr(args, f"keypoint_{k}")]
-    if hrnet_flags and "keypoints" in stages and (args.keypoint_arch or load_bundle(base).keypoints.arch) != "hrnet":
-        raise SystemExit(f"cp-train: {', '.join(hrnet_flags)} need --keypoint-arch hrnet")
+    if hrnet_flags and "keypoints" in stages and (args.keypoint_arch or base_bundle.keypoints.arch) != "hrnet":
+        raise UsageError(f"{', '.join(hrnet_flags)} need --keypoint-arch hrnet; add it or drop them")
     if args.val_metric == "boxes" and (stages != ("detector",) or args.detector_arch != "lite0_centernet"):
-        raise SystemExit("cp-train: --val-metric boxes is for the detector stage with --detector-arch lite0_centernet")
+        raise UsageError("--val-metric boxes is for the detector stage with --detector-arch lite0_centernet; "
+                         "drop it for the other stages")
     if args.device != "cpu" and stages != ("detector",):
-        raise SystemExit("cp-train: --device other than cpu is for the detector stage only, so far")
+        raise UsageError("--device other than cpu is for the detector stage only, so far; use --device cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("cp-train: --device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    _check_inputs(args)
     for stage in stages:
         base = train_stage(stage, args, base)
     if distributed.is_main():
         print(json.dumps({"bundle": str(args.out), "stages": list(stages)}))
     return 0
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """The split, the dataset and the output folders, checked before any model is built or
+    embedding computed, so a typo costs a second and not a stage."""
+    names = read_split(args.split)
+    check_dataset(args.data, names, args.split)
+    val_seed = args.seed if args.val_seed is None else args.val_seed
+    train_names, _ = carve_validation(names, args.val_fraction, val_seed)
+    if not train_names:
+        raise DataError(f"{args.split}: its {len(names)} name(s) all go to validation (--val-fraction "
+                        f"{args.val_fraction}); list more images or lower --val-fraction")
+    outputs = [(Path(args.out), "--out"), (Path(args.work_dir or f"{args.out}-work"), "--work-dir")]
+    if args.val_metric == "sam":  # box validation of a detector reads no embeddings
+        outputs.append((Path(args.cache_dir), "--cache-dir"))
+    for path, flag in outputs:
+        _check_writable(path, flag)
+    for given, flag, is_kind, kind in ((args.gdino_weights, "--gdino-weights", Path.is_dir, "folder"),
+                                       (args.keypoint_backbone_checkpoint, "--keypoint-backbone-checkpoint",
+                                        Path.is_file, "file")):
+        if given and not is_kind(Path(given)):
+            raise UsageError(f"{given}: no such {kind}; pass {flag} an existing local {kind}")
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """``path`` is a folder that can be written, or can be created where its nearest existing
+    ancestor is a writable folder."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{path}: cannot be a folder, {probe} is a file; pass {flag} another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: cannot be written ({probe} is read-only for this user); pass {flag} a "
+                         "writable folder")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,47 @@ from cp_train import distributed
 
 
 class DataError(RuntimeError):
-    pass
+    """A dataset or split that cannot be trained on; the message names the file and the fix."""
 
 
 def read_split(path: str | Path) -> list[str]:
-    """Names (without extension), one per line; blank lines and ``#`` comments ignored."""
-    lines = Path(path).read_text().splitlines()
-    return [s.strip() for s in lines if s.strip() and not s.startswith("#")]
+    """Names (without extension), one per line; blank lines and ``#`` comments ignored.
+
+    A missing split and one that names no image are errors: training on nothing is never meant."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found; pass --split a text file of image names, one per line")
+    lines = path.read_text().splitlines()
+    names = [s.strip() for s in lines if s.strip() and not s.startswith("#")]
+    if not names:
+        raise DataError(f"{path}: the split names no image; list the training images' names (without "
+                        "extension), one per line")
+    return names
+
+
+def check_dataset(data_dir: str | Path, names: list[str], split: str | Path) -> None:
+    """Check that ``data_dir`` has ``images/`` and ``masks/`` and an image and a mask for every one
+    of ``names`` (read from ``split``), so that a bad dataset fails before any model is built or
+    embedding computed, and not half-way through a stage."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such dataset folder; pass --data a folder with images/ and masks/")
+    for sub in ("images", "masks"):
+        folder = data_dir / sub
+        if not folder.is_dir():
+            raise DataError(f"{folder}: no such folder; --data must be a folder with images/ and masks/ "
+                            "(a mask per image, same name)")
+        missing = []
+        for n in names:
+            try:
+                _find(folder, n)
+            except DataError:
+                missing.append(n)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise DataError(f"{split}: {len(missing)} of its {len(names)} names have no file in {folder} "
+                            f"({shown}); remove them from the split or add the files "
+                            f"({'/'.join(IMAGE_EXTENSIONS)})")
 
 
 def carve_validation(names: list[str], fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from cp_deploy.io import atomic_write_bytes
 from cp_train import distributed
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that ``--resume`` cannot use; the message names the file and the fix."""
 
 
 @dataclass
@@ -41,6 +49,9 @@ def fit(
     ``train_epoch(model, optimiser, epoch)`` returns the epoch's mean loss. After every epoch the
     model is validated, ``last.pt`` (model, optimiser, epoch, best) is written atomically and, on
     a new best, ``best.pt``; with ``cfg.resume`` training continues after the last saved epoch.
+    Checkpoints hold tensors and plain data only and are read with ``weights_only=True``, so a
+    file planted in the work folder cannot run code; one that is not such a checkpoint raises
+    :class:`CheckpointError`.
     AdamW with a cosine schedule over ``cfg.epochs``. With ``cfg.ema`` > 0 a moving average of the
     weights (BatchNorm statistics included) is updated after every step, and it is the average
     that is validated and kept: it is less sensitive to the last few batches than the raw weights,
@@ -61,13 +72,17 @@ def fit(
     start, best, best_state = 0, -1.0, None
     last, best_path, log = work / "last.pt", work / "best.pt", work / "log.jsonl"
     if cfg.resume and last.is_file():
-        ck = torch.load(last, weights_only=False, map_location="cpu")
-        model.load_state_dict(ck["model"])
-        if ema is not None and "ema" in ck:  # else (a run without --ema) the average restarts here
-            ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start, best = ck["epoch"] + 1, ck["best"]
+        ck = _load_checkpoint(last, ("model", "optimizer", "scheduler", "epoch", "best"))
+        try:
+            model.load_state_dict(ck["model"])
+            if ema is not None and "ema" in ck:  # else (a run without --ema) the average restarts here
+                ema.load_state_dict(ck["ema"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:  # another stage's or architecture's weights
+            raise CheckpointError(f"{last}: it does not fit this model ({str(e).splitlines()[0]}); "
+                                  f"delete {work} or start without --resume") from None
+        start, best = int(ck["epoch"]) + 1, float(ck["best"])
         if distributed.is_main():
             print(f"[{name}] resuming after epoch {ck['epoch'] + 1}/{cfg.epochs} (best mDice {best:.4f})")
     elif distributed.is_main():  # a fresh run: forget an earlier run's log and checkpoints in the same folder
@@ -93,7 +108,8 @@ def fit(
             with log.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             if improved:
-                _atomic_save({"model": evaluated.state_dict(), "epoch": epoch, "val": val}, best_path)
+                _atomic_save({"model": evaluated.state_dict(), "epoch": epoch,
+                              "val": {k: float(v) for k, v in val.items()}}, best_path)
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
                           **({"ema": ema.state_dict()} if ema is not None else {})}, last)
@@ -101,7 +117,7 @@ def fit(
                   + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + (" *best*" if improved else ""), flush=True)
         distributed.barrier()  # best.pt is read by every rank at the end
     if best_path.is_file():
-        best_state = torch.load(best_path, weights_only=False, map_location="cpu")["model"]
+        best_state = _load_checkpoint(best_path, ("model",))["model"]
     return best_state if best_state is not None else evaluated.state_dict()
 
 
@@ -144,6 +160,25 @@ def shuffled_epoch(
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path, keys: tuple[str, ...]) -> dict:
+    """``path`` read with ``weights_only=True`` (tensors, numbers, strings, lists, dicts), or a
+    one-line :class:`CheckpointError` saying what is wrong and how to go on."""
+    fix = f"delete {path.parent} or start without --resume"
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles; the error below says it all
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:  # the weights-only unpickler met an object it does not allow
+        raise CheckpointError(f"{path}: not a checkpoint of plain tensors and data (planted there, or from a "
+                              "cp-train that stored other objects), so it was not loaded "
+                              f"(nothing in it ran); {fix}") from None
+    except Exception:  # torch raises RuntimeError, EOFError, KeyError... for truncated or foreign files
+        raise CheckpointError(f"{path}: unreadable (truncated, or not a PyTorch checkpoint); {fix}") from None
+    if not isinstance(ck, dict) or any(k not in ck for k in keys):
+        raise CheckpointError(f"{path}: not a cp-train checkpoint (it needs {', '.join(keys)}); {fix}")
+    return ck

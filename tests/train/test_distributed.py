@@ -67,8 +67,8 @@ def test_two_ranks_train_like_one_process_with_twice_the_batch(dataset, tiny_bun
     assert len(l2) == 3 and l1[-1] != l1[0]  # one log line per epoch, from rank 0 alone; it trained
     print("losses, 1 process x batch 4:", l1, "2 ranks x batch 2:", l2)
     np.testing.assert_allclose(l2, l1, rtol=1e-3)
-    w1 = torch.load(one / "sam-box" / "last.pt", weights_only=False)["model"]
-    w2 = torch.load(two / "sam-box" / "last.pt", weights_only=False)["model"]
+    w1 = torch.load(one / "sam-box" / "last.pt", weights_only=True)["model"]
+    w2 = torch.load(two / "sam-box" / "last.pt", weights_only=True)["model"]
     assert w1.keys() == w2.keys() and not any(k.startswith("module.") for k in w2)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
