@@ -25,10 +25,12 @@ import json
 import sys
 from pathlib import Path
 
-from cp_deploy.bundle import Bundle, load_bundle
+from cp_deploy.bundle import Bundle, BundleError, load_bundle
+from cp_deploy.io import InputError
 from cp_deploy.models.build import stage_entry
-from cp_deploy.models.weights import read_state_dict
+from cp_deploy.models.weights import WeightsError, read_state_dict
 from cp_train.bundle_io import derive_bundle, update_spec
+from cp_train.data import DataError
 
 ENSEMBLE_ARCHS = {"detector": ("lite0_centernet", "embedding_centernet"),
                   "keypoints": ("hrnet", "embedding_heatmap")}
@@ -103,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=None, help="embedding cache folder (--val-metric sam)")
     a = ap.parse_args(argv)
     if (a.data is None) != (a.split is None):
-        raise SystemExit("cp_train.ensemble: --data and --split go together")
+        ap.error("--data and --split go together")
     if a.data and a.stage != "detector":
-        raise SystemExit("cp_train.ensemble: --data/--split re-tune a detector's threshold; keypoints have none")
+        ap.error("--data/--split re-tune a detector's threshold; keypoints have none")
     try:
         members = [load_bundle(m) for m in a.members]
         bundle = ensemble_bundles(members, a.out, a.stage, load_bundle(a.base) if a.base else None)
@@ -113,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.data and a.stage == "detector":
             prompt = tune(bundle, a.data, a.split, a.val_fraction, a.seed, a.val_metric, a.cache_dir)
             update_spec(a.out, "prompt", prompt)
-    except ValueError as e:
-        raise SystemExit(f"cp_train.ensemble: {e}") from None
+    except (ValueError, BundleError, DataError, InputError, WeightsError) as e:
+        print(f"cp_train.ensemble: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"bundle": a.out, "stage": a.stage, "members": len(members), "tuned": prompt}))
     return 0
 
