@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cp-deploy batch --input examples/images --output runs/demo --overlays
+	$(BIN)/cp-deploy batch --input examples/images --output runs/demo --overlays --overwrite
 	$(BIN)/cp-deploy eval --pred runs/demo --gt examples/masks
 
 # The report test opens report.html in a real headless browser: Debian's chromium, installed

@@ -1,14 +1,17 @@
 """The bundle: one directory with ``bundle.json`` and the weights ``cp-deploy`` needs.
 
-This module parses and validates ``bundle.json`` and checks that every file it names exists and
-has the recorded sha256. Errors name the file and the key. Building the networks from a bundle
-is ``cp_deploy.models.build``'s job.
+This module parses and validates ``bundle.json`` (known keys only, each of its type and range)
+and checks that every weight file it names lies inside the bundle (the SAM checkpoint may also be
+an absolute path), exists and has the recorded sha256. Errors name the file and the key. Building
+the networks from a bundle is ``cp_deploy.models.build``'s job.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from cp_deploy.preprocess import PreprocessConfig
@@ -17,6 +20,13 @@ FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 PROMPT_MODES = ("curriculum", "box", "points", "box+points", "box+mask")
 EDGE_LABELS = {"negative": 0, "positive": 1}
+# The keys each section may hold; anything else is a typo that would otherwise be ignored.
+TOP_KEYS = ("format_version", "name", "sam", "preprocess", "heads", "detector", "keypoints", "prompt", "metadata")
+SAM_KEYS = ("arch", "checkpoint", "sha256")
+HEAD_NAMES = ("box", "refine")
+HEAD_KEYS = ("file", "sha256")
+STAGE_KEYS = ("arch", "reads", "config", "file", "sha256", "preprocess")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class BundleError(RuntimeError):
@@ -73,55 +83,176 @@ def default_bundle_path() -> Path:
     return Path(__file__).resolve().parent / "bundles" / "default"
 
 
+_KINDS = {dict: "an object", str: "a string", int: "an integer", list: "a list"}
+
+
 def _get(d: dict, key: str, where: str, kind: type | tuple = object):
     if not isinstance(d, dict) or key not in d:
         raise BundleError(f"{where}: missing key '{key}'")
     value = d[key]
-    if kind is not object and not isinstance(value, kind):
-        raise BundleError(f"{where}: key '{key}' must be {kind}, got {type(value).__name__}")
+    if kind is not object and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+        raise BundleError(f"{where}: key '{key}' must be {_KINDS.get(kind, kind)}, got {type(value).__name__} "
+                          f"{value!r}"[:300])
     return value
 
 
-def _weight(root: Path, entry: dict | None, where: str, key: str) -> WeightRef:
-    """Resolve and check one weight file (``None`` means: take it from the base model)."""
-    if entry is None or entry.get("file") is None:
-        return WeightRef(None, None)
-    path = Path(entry["file"])
-    path = path if path.is_absolute() else root / path
-    if not path.is_file():
-        raise BundleError(f"{where}: file '{path}' named by key '{key}.file' does not exist")
-    sha = entry.get("sha256")
-    if sha is not None:
-        from cp_deploy.models.weights import sha256_file
+def _no_unknown_keys(d: dict, allowed: tuple[str, ...], section: str, where: str) -> None:
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        inside = f" in '{section}'" if section else ""
+        raise BundleError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}{inside}; expected "
+                          f"{', '.join(allowed)}: remove or rename them")
 
-        actual = sha256_file(path)
-        if actual != sha:
-            raise BundleError(
-                f"{where}: file '{path}' (key '{key}.file') has sha256 {actual}, but '{key}.sha256' "
-                f"records {sha}; the file is corrupt or was replaced: restore it or rebuild the bundle"
-            )
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (after resolving symlinks and ``..``) lies inside ``root``."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop leads nowhere inside
+        return False
+
+
+def _weight(root: Path, file: object, sha: object, where: str, file_key: str, sha_key: str,
+            absolute_ok: bool = False) -> WeightRef:
+    """Resolve and hash-check one weight file (``file`` ``None``: take it from the base model).
+
+    A bundle is a folder that can be handed around: its files must stay inside it, so a crafted
+    ``../../`` path cannot make cp-deploy open files elsewhere. Only the SAM checkpoint may be an
+    absolute path (Meta's multi-GB ``.pth`` is rarely copied into each bundle). Every file needs
+    its sha256: one without would be loaded unchecked.
+    """
+    if file is None:
+        return WeightRef(None, None)
+    if not isinstance(file, str) or not file:
+        raise BundleError(f"{where}: key '{file_key}' must be a file name (a string) or null, got {file!r}")
+    path = Path(file)
+    if path.is_absolute():
+        if not absolute_ok:
+            raise BundleError(f"{where}: key '{file_key}' is the absolute path '{file}'; weight files must lie "
+                              f"inside the bundle: copy the file into '{root}' and name it relative to it")
+    else:
+        path = root / path
+        if not _inside(path, root):
+            raise BundleError(f"{where}: key '{file_key}' names '{file}', which lies outside the bundle '{root}'; "
+                              "copy the file into the bundle and name it relative to it")
+    if not path.is_file():
+        raise BundleError(f"{where}: file '{path}' named by key '{file_key}' does not exist")
+    if sha is None:
+        raise BundleError(f"{where}: key '{sha_key}' is missing for '{path}', and every weight file needs its hash; "
+                          f"record it: run 'sha256sum {path}' and put its 64 hex digits into '{sha_key}'")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise BundleError(f"{where}: key '{sha_key}' is {sha!r}, not a sha256 (64 lowercase hex digits); "
+                          f"record it with: sha256sum {path}")
+    from cp_deploy.models.weights import sha256_file
+
+    actual = sha256_file(path)
+    if actual != sha:
+        raise BundleError(
+            f"{where}: file '{path}' (key '{file_key}') has sha256 {actual}, but '{sha_key}' "
+            f"records {sha}; the file is corrupt or was replaced: restore it or rebuild the bundle"
+        )
     return WeightRef(path, sha)
 
 
-def _stage(root: Path, d: dict, key: str, where: str) -> StageSpec:
+def _preprocess(d: object, section: str, where: str) -> PreprocessConfig:
+    try:
+        return PreprocessConfig.from_dict(d, section)
+    except ValueError as e:
+        raise BundleError(f"{where}: {e}") from e
+
+
+def _stage(root: Path, d: dict, key: str, where: str, archs: tuple[str, ...],
+           reads_of: Callable[[str], str] | None = None) -> StageSpec:
+    """One stage entry; ``reads_of`` (arch -> its input) where the arch fixes what it reads."""
     entry = _get(d, key, where, dict)
+    _no_unknown_keys(entry, STAGE_KEYS, key, where)
+    arch = _get(entry, "arch", f"{where} [{key}]", str)
+    if arch not in archs:
+        raise BundleError(f"{where}: '{key}.arch' is {arch!r}; expected one of {', '.join(archs)}")
     reads = _get(entry, "reads", f"{where} [{key}]", str)
     if reads not in ("image", "embedding"):
         raise BundleError(f"{where}: '{key}.reads' must be 'image' or 'embedding', got {reads!r}")
-    w = _weight(root, entry, where, key)
+    if reads_of is not None and reads_of(arch) != reads:
+        raise BundleError(f"{where}: '{key}.reads' is {reads!r}, but {arch} reads the {reads_of(arch)}; "
+                          f"set it to {reads_of(arch)!r}")
+    config = entry.get("config", {})
+    if not isinstance(config, dict):
+        raise BundleError(f"{where}: '{key}.config' must be an object (the net's constructor arguments), "
+                          f"got {type(config).__name__}")
+    w = _weight(root, entry.get("file"), entry.get("sha256"), where, f"{key}.file", f"{key}.sha256")
     pre = entry.get("preprocess")
     return StageSpec(
-        arch=_get(entry, "arch", f"{where} [{key}]", str),
-        config=dict(entry.get("config", {})),
+        arch=arch,
+        config=dict(config),
         reads=reads,
         file=w.file,
         sha256=w.sha256,
-        preprocess=PreprocessConfig.from_dict(pre) if pre else None,
+        preprocess=_preprocess(pre, f"{key}.preprocess", where) if pre is not None else None,
     )
+
+
+def _number(p: dict, key: str, where: str, lo: float, hi: float, lo_open: bool = False) -> None:
+    v = p[key]
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and (lo < v if lo_open else lo <= v) and v <= hi
+    if not ok:
+        lo_s = f"({lo}" if lo_open else f"[{lo}"
+        raise BundleError(f"{where}: 'prompt.{key}' is {v!r}; expected a number in {lo_s}, {hi}]")
+
+
+def _count(p: dict, key: str, where: str, lo: int) -> None:
+    v = p[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise BundleError(f"{where}: 'prompt.{key}' is {v!r}; expected an integer >= {lo}")
+
+
+def _prompt(d: object, where: str) -> PromptSettings:
+    """Prompt settings with every field of its type and range (a wrong one would fail every image
+    later, or worse, silently select nothing)."""
+    if not isinstance(d, dict):
+        raise BundleError(f"{where}: key 'prompt' must be an object, got {type(d).__name__}")
+    _no_unknown_keys(d, tuple(f.name for f in fields(PromptSettings)), "prompt", where)
+    p = {**PromptSettings().__dict__, **d}
+    if not isinstance(p["text"], str) or not p["text"].strip():
+        raise BundleError(f"{where}: 'prompt.text' is {p['text']!r}; expected a non-empty string, e.g. 'polyp'")
+    if p["mode"] not in ("all", "top1"):
+        raise BundleError(f"{where}: 'prompt.mode' must be 'all' or 'top1', got {p['mode']!r}")
+    _number(p, "score_threshold", where, 0, 1)
+    _number(p, "nms_iou", where, 0, 1, lo_open=True)
+    _count(p, "max_instances", where, 1)
+    _count(p, "min_instances", where, 0)
+    if p["min_instances"] > p["max_instances"]:
+        raise BundleError(f"{where}: 'prompt.min_instances' ({p['min_instances']}) exceeds 'prompt.max_instances' "
+                          f"({p['max_instances']}); lower it or raise max_instances")
+    if p["edge_label"] not in EDGE_LABELS:
+        raise BundleError(f"{where}: 'prompt.edge_label' must be 'negative' or 'positive', got {p['edge_label']!r}")
+    return PromptSettings(**p)
+
+
+def _heads(root: Path, d: dict, where: str) -> dict[str, WeightRef]:
+    heads = d.get("heads") or {}
+    if not isinstance(heads, dict):
+        raise BundleError(f"{where}: key 'heads' must be an object with 'box' and 'refine', "
+                          f"got {type(heads).__name__}")
+    _no_unknown_keys(heads, HEAD_NAMES, "heads", where)
+    out = {}
+    for name in HEAD_NAMES:
+        entry = heads.get(name) or {}
+        if not isinstance(entry, dict):
+            raise BundleError(f"{where}: 'heads.{name}' must be an object with 'file' and 'sha256', or null "
+                              f"(the base SAM's own head), got {type(entry).__name__}")
+        _no_unknown_keys(entry, HEAD_KEYS, f"heads.{name}", where)
+        out[name] = _weight(root, entry.get("file"), entry.get("sha256"), where, f"heads.{name}.file",
+                            f"heads.{name}.sha256")
+    return out
 
 
 def load_bundle(path: str | Path | None = None) -> Bundle:
     """Parse and check a bundle directory (or its ``bundle.json``); ``None`` means the default."""
+    # Only the names of the known architectures, read from the model registry (nothing is built).
+    from cp_deploy.models.detector import DETECTOR_ARCHS
+    from cp_deploy.models.keypoints import KEYPOINT_ARCHS, keypoint_reads
+    from cp_deploy.models.sam import SAM_ARCHS
+
     root = Path(path) if path is not None else default_bundle_path()
     if root.name == BUNDLE_FILE:
         root = root.parent
@@ -133,35 +264,41 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     where = str(cfg_path)
     try:
         d = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise BundleError(f"{where}: must hold a JSON object, got {type(d).__name__}")
     version = _get(d, "format_version", where, int)
     if version != FORMAT_VERSION:
         raise BundleError(f"{where}: format_version {version} is not supported (this cp-deploy reads {FORMAT_VERSION})")
+    _no_unknown_keys(d, TOP_KEYS, "", where)
+    name = d.get("name", root.name)
+    if not isinstance(name, str):
+        raise BundleError(f"{where}: key 'name' must be a string, got {type(name).__name__}")
+    metadata = d.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise BundleError(f"{where}: key 'metadata' must be an object, got {type(metadata).__name__}")
     sam = _get(d, "sam", where, dict)
-    from cp_deploy.models.sam import SAM_ARCHS
-
+    _no_unknown_keys(sam, SAM_KEYS, "sam", where)
     arch = _get(sam, "arch", f"{where} [sam]", str)
     if arch not in SAM_ARCHS:
         raise BundleError(f"{where}: 'sam.arch' is {arch!r}; expected one of {', '.join(SAM_ARCHS)}")
     if arch != "lite_medsam" and sam.get("checkpoint") is None:
         raise BundleError(f"{where}: 'sam.checkpoint' is required for {arch} (path to the official checkpoint)")
-    heads = d.get("heads", {}) or {}
-    prompt = PromptSettings(**d.get("prompt", {}))
-    if prompt.mode not in ("all", "top1"):
-        raise BundleError(f"{where}: 'prompt.mode' must be 'all' or 'top1', got {prompt.mode!r}")
-    if prompt.edge_label not in EDGE_LABELS:
-        raise BundleError(f"{where}: 'prompt.edge_label' must be 'negative' or 'positive'")
+    prompt = _prompt(d.get("prompt", {}), where)
+    preprocess = _preprocess(_get(d, "preprocess", where, dict), "preprocess", where)
+    heads = _heads(root, d, where)
     return Bundle(
         root=root,
-        name=d.get("name", root.name),
+        name=name,
         sam_arch=arch,
-        sam=_weight(root, {"file": sam.get("checkpoint"), "sha256": sam.get("sha256")}, where, "sam"),
-        preprocess=PreprocessConfig.from_dict(_get(d, "preprocess", where, dict)),
-        box_head=_weight(root, heads.get("box"), where, "heads.box"),
-        refine_head=_weight(root, heads.get("refine"), where, "heads.refine"),
-        detector=_stage(root, d, "detector", where),
-        keypoints=_stage(root, d, "keypoints", where),
+        sam=_weight(root, sam.get("checkpoint"), sam.get("sha256"), where, "sam.checkpoint", "sam.sha256",
+                    absolute_ok=True),
+        preprocess=preprocess,
+        box_head=heads["box"],
+        refine_head=heads["refine"],
+        detector=_stage(root, d, "detector", where, DETECTOR_ARCHS),
+        keypoints=_stage(root, d, "keypoints", where, KEYPOINT_ARCHS, keypoint_reads),
         prompt=prompt,
-        metadata=dict(d.get("metadata", {})),
+        metadata=dict(metadata),
     )

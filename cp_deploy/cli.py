@@ -10,7 +10,7 @@ import sys
 from cp_deploy import MissingExtraError
 from cp_deploy.bundle import PROMPT_MODES, BundleError
 from cp_deploy.engines.manifest import EngineError
-from cp_deploy.io import InputError
+from cp_deploy.io import MAX_PIXELS, InputError
 from cp_deploy.models.weights import WeightsError
 
 USER_ERRORS = (
@@ -18,11 +18,24 @@ USER_ERRORS = (
 )
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """Numbers argparse accepts but a run cannot use; refused before anything loads."""
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                               ("--threads", args.threads, 0), ("--num-workers", args.num_workers, 1),
+                               ("--gpus-per-worker", args.gpus_per_worker, 0)):
+        if value < least:
+            raise InputError(f"{flag} {value}: must be at least {least}; pass {flag} N with N >= {least}")
+
+
 def _batch(args: argparse.Namespace) -> int:
-    from cp_deploy.executors import PipelineFactory
+    from cp_deploy.executors import PipelineFactory, check_device
+    from cp_deploy.executors.output import WriteFailed
     from cp_deploy.formats import ReadOptions
     from cp_deploy.pipeline import PipelineOptions
 
+    _check_counts(args)
+    # Ray actors may have GPUs the driver lacks: there only the spelling of --device is checked.
+    check_device(args.device, args.engine, count_gpus=args.executor == "local")
     options = PipelineOptions(
         prompts=args.prompts, edge_label=args.edge_label, mode=args.mode,
         score_threshold=args.score_threshold, max_instances=args.max_instances, min_instances=args.min_instances,
@@ -33,18 +46,23 @@ def _batch(args: argparse.Namespace) -> int:
     factory = PipelineFactory(bundle, args.engine, device, options, args.threads, graphs, args.precision,
                               args.compile)
     common = {"batch_size": args.batch_size, "overlays": args.overlays, "resume": args.resume,
-              "progress": not args.no_progress}
-    if args.executor == "ray":
-        from cp_deploy.executors.ray import run_folder_ray
+              "overwrite": args.overwrite, "progress": not args.no_progress,
+              "read_options": ReadOptions(slice_axis=args.slice_axis, include_uids=args.include_uids,
+                                          max_pixels=args.max_pixels)}
+    try:  # the executors check and lock --output before the models load from ``factory``
+        if args.executor == "ray":
+            from cp_deploy.executors.ray import run_folder_ray
 
-        summary = run_folder_ray(factory, args.input, args.output, num_workers=args.num_workers,
-                                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=max(1, args.threads),
-                                 address=args.ray_address, **common)
-    else:
-        from cp_deploy.executors.local import run_folder
+            summary = run_folder_ray(factory, args.input, args.output, num_workers=args.num_workers,
+                                     gpus_per_worker=args.gpus_per_worker, cpus_per_worker=max(1, args.threads),
+                                     address=args.ray_address, **common)
+        else:
+            from cp_deploy.executors.local import run_folder
 
-        summary = run_folder(factory(), args.input, args.output, workers=args.workers, **common,
-                             read_options=ReadOptions(slice_axis=args.slice_axis, include_uids=args.include_uids))
+            summary = run_folder(factory, args.input, args.output, workers=args.workers, **common)
+    except WriteFailed as e:  # mid-run: finished images are journalled, so exit 1 (not a usage error)
+        print(f"cp-deploy: error: {e}", file=sys.stderr)
+        return 1
     print(f"cp-deploy: {summary.line()}")
     return 1 if summary.failed else 0
 
@@ -105,12 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-instances", type=int, default=None,
                    help="keep at least this many best boxes even under the threshold (default: the bundle's)")
     b.add_argument("--overlays", action="store_true", help="also write overlays/*.jpg with contours, boxes and points")
-    b.add_argument("--resume", action="store_true", help="skip images already done in --output")
+    b.add_argument("--resume", action="store_true",
+                   help="continue the run in --output: skip images already done (its settings must be the same)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace cp-deploy's outputs in a non-empty --output (masks/, overlays/, results, run.json, "
+                        "eval.csv, report.html); other files there are kept")
     b.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     b.add_argument("--threads", type=int, default=0, help="CPU threads of torch or ONNX Runtime (0: their default)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--slice-axis", type=int, default=None, choices=[0, 1, 2],
                    help="NIfTI volumes: voxel axis to slice along (default: the axis of largest voxel spacing)")
+    b.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="refuse an image, page, frame or slice over this many pixels (width x height, read from "
+                        "the header before decoding; 0: no limit; default: %(default)s)")
     b.add_argument("--include-uids", action="store_true",
                    help="DICOM: write study/series/SOP instance UIDs to results.jsonl (names, IDs and dates never are)")
     b.add_argument("--executor", default="local", choices=["local", "ray"],

@@ -38,12 +38,37 @@ class PreprocessConfig:
             raise ValueError(f"normalize must be 'meanstd' or 'minmax', got {self.normalize!r}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> PreprocessConfig:
-        d = dict(d)
+    def from_dict(cls, d: dict, where: str = "preprocess") -> PreprocessConfig:
+        """Parse a bundle's ``preprocess`` section; a ``ValueError`` names the key ``where.KEY``.
+
+        ``image_size`` and ``normalize`` are required: a silent default (1024, meanstd) would feed
+        the model inputs it was not trained on, and every image would fail or come out wrong.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"'{where}' must be an object with image_size and normalize, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"image_size", "normalize", "pixel_mean", "pixel_std"})
+        if unknown:
+            raise ValueError(f"'{where}' has unknown key(s) {', '.join(unknown)}; expected image_size, normalize, "
+                             "pixel_mean, pixel_std: remove or rename them")
+        size = d.get("image_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            got = "missing" if "image_size" not in d else f"{size!r}"
+            raise ValueError(f"'{where}.image_size' is {got}; expected the model's input side in pixels, a positive "
+                             "integer (e.g. 1024 for SAM ViT, 256 for LiteMedSAM)")
+        if d.get("normalize") not in ("meanstd", "minmax"):
+            got = "missing" if "normalize" not in d else f"{d['normalize']!r}"
+            raise ValueError(f"'{where}.normalize' is {got}; expected 'meanstd' or 'minmax'")
+        stats = {}
         for k in ("pixel_mean", "pixel_std"):
             if k in d:
-                d[k] = tuple(float(v) for v in d[k])
-        return cls(**d)
+                v = d[k]
+                if (not isinstance(v, list) or len(v) != 3
+                        or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)):
+                    raise ValueError(f"'{where}.{k}' is {v!r}; expected a list of 3 numbers (R, G, B on 0..255)")
+                if k == "pixel_std" and min(v) <= 0:
+                    raise ValueError(f"'{where}.pixel_std' is {v!r}; every value must be > 0")
+                stats[k] = tuple(float(x) for x in v)
+        return cls(image_size=size, normalize=d["normalize"], **stats)
 
     def to_dict(self) -> dict:
         return {

@@ -6,23 +6,25 @@ its own. With ground truth, Dice per image (``metrics.dice`` through ``evaluate_
 gallery ordered worst first. The page has no scripts and loads nothing from the network.
 
 Nothing in it comes from DICOM headers except what ``results.jsonl`` holds, which never has names,
-IDs or dates.
+IDs or dates. ``results.jsonl`` is treated as untrusted: every field is escaped, only files inside
+the run folder are embedded or linked (a record's ``mask`` of ``../../etc/passwd`` is refused and
+listed), and lines that are not records are listed rather than failing the report.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from cp_deploy.executors.output import read_run_info
 from cp_deploy.io import RESULTS_FILE, RunJournal, atomic_write_bytes
 
-RUN_FILE = "run.json"
 STAGE_ORDER = ("decode", "preprocess", "encode", "detect", "box", "keypoints", "refine", "postprocess", "write")
 
 def _legend() -> list[tuple[str, str]]:
@@ -52,15 +54,29 @@ vertical-align:middle;border:1px solid #555}
 """
 
 
-def load_records(run_dir: str | Path) -> list[dict]:
-    """The run's records: ``results.jsonl``, or what the journal of an unfinished run holds."""
+def load_records(run_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """The run's records (``results.jsonl``, or what the journal of an unfinished run holds) and
+    a message for each line that is not a record (``RunJournal.bad_lines``)."""
     journal = RunJournal(run_dir)
     journal.load()
-    if not journal.records:
+    if not journal.records and not journal.bad_lines:
         raise FileNotFoundError(
             f"{Path(run_dir) / RESULTS_FILE} not found; run cp-deploy batch --output {run_dir} first"
         )
-    return [journal.records[p] for p in sorted(journal.records)]
+    return [journal.records[p] for p in sorted(journal.records)], list(journal.bad_lines)
+
+
+def run_file(run_dir: Path, name: object) -> Path | None:
+    """The file a record names (``mask``, ``overlay``, an output), or ``None`` unless it is a
+    relative path that stays inside ``run_dir`` once symlinks and ``..`` are resolved: a report
+    embeds what it names, so a crafted record must not pull in other files of the machine."""
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        path = (run_dir / name).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    return path if path.is_relative_to(run_dir.resolve()) else None
 
 
 def _data_uri(path: Path) -> str | None:
@@ -74,8 +90,10 @@ def stage_means(records: list[dict]) -> dict[str, float]:
     """Mean milliseconds per stage over the segmented images, in pipeline order."""
     sums: dict[str, list[float]] = {}
     for r in records:
-        for k, v in r.get("timings_ms", {}).items():
-            sums.setdefault(k, []).append(float(v))
+        timings = r.get("timings_ms")
+        for k, v in (timings.items() if isinstance(timings, dict) else ()):
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                sums.setdefault(str(k), []).append(float(v))
     order = [s for s in STAGE_ORDER if s in sums] + sorted(set(sums) - set(STAGE_ORDER))
     return {s: float(np.mean(sums[s])) for s in order}
 
@@ -106,27 +124,49 @@ def _gt_dice(run_dir: Path, gt_dir: str | Path, images: list[dict]) -> dict[str,
     rows = {r["image"]: r["dice"] for r in evaluate_dirs(run_dir, gt_dir)["rows"]}
     out = {}
     for r in images:
-        key = r["mask"][len("masks/"):-len(".png")] if "mask" in r else None
+        mask = r.get("mask")
+        key = mask[len("masks/"):-len(".png")] if isinstance(mask, str) else None
         if key in rows:
             out[r["path"]] = rows[key]
     return out
 
 
+def _esc(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _gallery_image(run_dir: Path, r: dict, problems: list[str]) -> str:
+    """The figure's image: the overlay, else the mask, embedded; refused names are not read."""
+    for key in ("overlay", "mask"):
+        if key not in r:
+            continue
+        path = run_file(run_dir, r[key])
+        if path is None:
+            problems.append(f"record {r['path']!r}: {key} {r[key]!r} is not a file inside the run folder; "
+                            "not embedded")
+            return f'<p class="bad">refused: {_esc(key)} path {_esc(r[key])} lies outside the run folder</p>'
+        uri = _data_uri(path)
+        if uri:
+            return f'<img src="{uri}" alt="{_esc(r["path"])}">'
+    return '<p class="bad">image missing</p>'
+
+
 def build_report(run_dir: str | Path, gt_dir: str | Path | None = None, max_gallery: int = 200,
-                 link_base: str | Path | None = None) -> str:
+                 link_base: str | Path | None = None, problems: list[str] | None = None) -> str:
     """The report's HTML for ``run_dir`` (see the module docstring); links to output files are
-    relative to ``link_base``, the report's folder (default: ``run_dir``)."""
+    relative to ``link_base``, the report's folder (default: ``run_dir``). Lines that are not
+    records and refused file names are listed in the page and appended to ``problems``."""
     run_dir = Path(run_dir)
     link_base = Path(link_base) if link_base is not None else run_dir
-    records = load_records(run_dir)
+    records, bad_lines = load_records(run_dir)
+    problems = problems if problems is not None else []
+    problems += bad_lines
     # A multi-frame file has its own record besides its frames' (``frames`` says how many).
     files = [r for r in records if "frames" in r]
     images = [r for r in records if "frames" not in r]
     ok = [r for r in images if r.get("status") == "ok"]
     failures = [r for r in records if r.get("status") != "ok"]
-    run_info = {}
-    if (run_dir / RUN_FILE).is_file():
-        run_info = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    run_info = read_run_info(run_dir, problems)
     means = stage_means(ok)
     pipeline_ms = sum(means.values())
     dice = _gt_dice(run_dir, gt_dir, ok) if gt_dir is not None else {}
@@ -134,7 +174,7 @@ def build_report(run_dir: str | Path, gt_dir: str | Path | None = None, max_gall
     cards = [("images", len(images)), ("segmented", len(ok)), ("failed", len(images) - len(ok))]
     if files:
         cards.append(("multi-frame files", len(files)))
-    if run_info.get("images_per_second"):
+    if isinstance(run_info.get("images_per_second"), int | float) and run_info["images_per_second"]:
         cards.append(("images/s (last run, wall clock)", f"{run_info['images_per_second']:.2f}"))
     if pipeline_ms:
         cards.append(("images/s (sum of stage times)", f"{1000.0 / pipeline_ms:.2f}"))
@@ -158,18 +198,27 @@ def build_report(run_dir: str | Path, gt_dir: str | Path | None = None, max_gall
     ]
     if failures:
         parts += ["<h2>Failures</h2>", "<table><tr><th>input</th><th>error</th></tr>"]
-        parts += [f'<tr><td>{html.escape(r["path"])}</td><td class="bad">{html.escape(str(r.get("error", "")))}</td>'
+        parts += [f'<tr><td>{_esc(r["path"])}</td><td class="bad">{_esc(r.get("error", ""))}</td>'
                   "</tr>" for r in failures]
         parts.append("</table>")
     with_outputs = [r for r in records if r.get("outputs") or "dicom_seg" in r]
     if with_outputs:
         parts += ["<h2>Format outputs</h2>", "<table><tr><th>input</th><th>frames</th><th>outputs</th></tr>"]
         for r in with_outputs:
-            outs = [f'{html.escape(k)}: <a href="{html.escape(os.path.relpath(run_dir / v, link_base))}">'
-                    f"{html.escape(v)}</a>" for k, v in r.get("outputs", {}).items()]
+            outputs = r.get("outputs")
+            outs = []
+            for k, v in (outputs.items() if isinstance(outputs, dict) else ()):
+                target = run_file(run_dir, v)
+                if target is None:
+                    problems.append(f"record {r['path']!r}: output {v!r} is not a file inside the run folder; "
+                                    "not linked")
+                    outs.append(f'{_esc(k)}: <span class="bad">refused: {_esc(v)} lies outside the run folder</span>')
+                else:
+                    outs.append(f'{_esc(k)}: <a href="{_esc(os.path.relpath(target, link_base.resolve()))}">'
+                                f"{_esc(v)}</a>")
             if "dicom_seg" in r:
-                outs.append(f"DICOM-SEG {html.escape(r['dicom_seg'])}")
-            parts.append(f'<tr><td>{html.escape(r["path"])}</td><td>{r.get("frames", 1)}</td>'
+                outs.append(f"DICOM-SEG {_esc(r['dicom_seg'])}")
+            parts.append(f'<tr><td>{_esc(r["path"])}</td><td>{_esc(r.get("frames", 1))}</td>'
                          f'<td>{"<br>".join(outs)}</td></tr>')
         parts.append("</table>")
 
@@ -185,15 +234,20 @@ def build_report(run_dir: str | Path, gt_dir: str | Path | None = None, max_gall
                      "rerun cp-deploy batch with --overlays to see boxes, points and contours</p>")
     parts.append('<div class="gallery">')
     for r in shown:
-        uri = _data_uri(run_dir / r["overlay"]) if "overlay" in r else None
-        uri = uri or _data_uri(run_dir / r["mask"])
-        caption = [html.escape(r["path"]), f'{len(r.get("instances", []))} instance(s), '
-                   f'area {r.get("mask_area", 0)} px, {r.get("width")}x{r.get("height")}']
+        instances = r.get("instances")
+        caption = [_esc(r["path"]), f'{len(instances) if isinstance(instances, list) else 0} instance(s), '
+                   f'area {_esc(r.get("mask_area", 0))} px, {_esc(r.get("width"))}x{_esc(r.get("height"))}']
         if r["path"] in dice:
             caption.append(f'Dice <b>{dice[r["path"]]:.4f}</b>')
-        img = f'<img src="{uri}" alt="{html.escape(r["path"])}">' if uri else '<p class="bad">image missing</p>'
+        img = _gallery_image(run_dir, r, problems)
         parts.append(f'<figure>{img}<figcaption>{"<br>".join(caption)}</figcaption></figure>')
-    parts += ["</div>", "</body></html>"]
+    parts.append("</div>")
+    if problems:
+        parts += ["<h2>Skipped lines and refused files</h2>",
+                  '<p class="muted">results.jsonl lines that are not records, and file names that point outside '
+                  "the run folder: they are listed, never read</p>", "<ul>",
+                  *(f'<li class="bad">{_esc(m)}</li>' for m in problems), "</ul>"]
+    parts.append("</body></html>")
     return "\n".join(parts)
 
 
@@ -201,5 +255,8 @@ def write_report(run_dir: str | Path, gt_dir: str | Path | None = None, output: 
                  max_gallery: int = 200) -> Path:
     """Write ``report.html`` (or ``output``) for ``run_dir``; returns its path."""
     path = Path(output) if output is not None else Path(run_dir) / "report.html"
-    atomic_write_bytes(path, build_report(run_dir, gt_dir, max_gallery, path.parent).encode("utf-8"))
+    problems: list[str] = []
+    atomic_write_bytes(path, build_report(run_dir, gt_dir, max_gallery, path.parent, problems).encode("utf-8"))
+    for message in problems:  # the page lists them too, but a batch job's log should show them
+        print(f"cp-deploy: warning: {run_dir}: {message}", file=sys.stderr)
     return path

@@ -197,6 +197,8 @@ def export_graph(name: str, module: nn.Module, inputs: dict[str, torch.Tensor], 
         "file": path.name,
         "external_data": data if external else None,
         "sha256": sha256_file(path),
+        # The graph's weights live there: engines check it as they check the graph.
+        "external_data_sha256": sha256_file(path.with_name(data)) if external else None,
         "inputs": [s.to_json() for s in _specs(list(inputs), list(inputs.values()), axes)],
         "outputs": [s.to_json() for s in _specs(output_names, list(outputs), axes)],
     }

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cp_deploy.engines.manifest import GRAPHS, EngineError, read_manifest
+from cp_deploy.engines.manifest import GRAPHS, EngineError, check_graph_files, read_manifest
 from cp_deploy.io import atomic_write_bytes
 from cp_deploy.models.weights import sha256_file
 from export.onnx import write_manifest
@@ -65,6 +65,8 @@ def build_trt(onnx_dir: str | Path, out: str | Path, fp16: bool = False, max_bat
         onnx_dir = out / "onnx-fp16"
         _export_fp16(src["bundle"], onnx_dir, progress)
         src = read_manifest(onnx_dir, hint)
+    # An engine built from a swapped or edited graph would carry its own valid hash: check first.
+    check_graph_files(src, onnx_dir, "re-export them with cp-export onnx")
     logger = trt.Logger(trt.Logger.WARNING)
     max_dims = {"batch": max_batch, "instances": max_instances, "points": max_points}
     opt_dims = {"batch": max(1, max_batch // 2), "instances": max(1, min(8, max_instances)),
@@ -98,7 +100,8 @@ def build_trt(onnx_dir: str | Path, out: str | Path, fp16: bool = False, max_bat
             raise EngineError(f"{onnx_path}: TensorRT failed to build an engine (see the log above)")
         path = out / f"{name}.engine"
         atomic_write_bytes(path, bytes(serialized))
-        graphs[name] = {**g, "file": path.name, "external_data": None, "sha256": sha256_file(path),
+        graphs[name] = {**g, "file": path.name, "external_data": None, "external_data_sha256": None,
+                        "sha256": sha256_file(path),
                         "onnx_sha256": g["sha256"],
                         "inputs": [t.to_json() for t in g["inputs"]], "outputs": [t.to_json() for t in g["outputs"]],
                         "profile": {"max": max_dims}}

@@ -13,7 +13,7 @@ import torch
 
 from cp_deploy.bundle import Bundle
 from cp_deploy.engines.graphs import GraphEngine
-from cp_deploy.engines.manifest import GRAPHS, EngineError, check_sources, read_manifest, resolve_shape
+from cp_deploy.engines.manifest import GRAPHS, EngineError, load_graph_folder, resolve_shape
 
 _DTYPES = {"float32": (np.float32, torch.float32), "int64": (np.int64, torch.int64)}
 
@@ -41,8 +41,7 @@ class OnnxRuntimeEngine(GraphEngine):
         ort = import_onnxruntime()
         self.folder = Path(onnx_dir) if onnx_dir is not None else bundle.root / "onnx"
         hint = _hint(bundle, self.folder)
-        self.manifest = read_manifest(self.folder, hint)
-        check_sources(self.manifest, bundle, self.folder, hint)
+        self.manifest, paths = load_graph_folder(self.folder, bundle, hint)
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -59,9 +58,7 @@ class OnnxRuntimeEngine(GraphEngine):
             opts.intra_op_num_threads = threads
         self.sessions = {}
         for name in GRAPHS:
-            path = self.folder / self.manifest["graphs"][name]["file"]
-            if not path.is_file():
-                raise EngineError(f"{path}: graph file is missing; {hint}")
+            path = paths[name]
             try:
                 self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs

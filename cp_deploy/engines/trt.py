@@ -13,7 +13,7 @@ import torch
 
 from cp_deploy.bundle import Bundle
 from cp_deploy.engines.graphs import GraphEngine
-from cp_deploy.engines.manifest import GRAPHS, EngineError, check_sources, read_manifest, resolve_shape
+from cp_deploy.engines.manifest import GRAPHS, EngineError, load_graph_folder, resolve_shape
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
@@ -29,8 +29,8 @@ class TensorRTEngine(GraphEngine):
         self.folder = Path(engine_dir) if engine_dir is not None else bundle.root / "trt"
         hint = (f"rebuild them with: cp-export trt --onnx {bundle.root / 'onnx'} --out {self.folder} "
                 "(after cp-export onnx if needed)")
-        self.manifest = m = read_manifest(self.folder, hint)
-        check_sources(m, bundle, self.folder, hint)
+        self.manifest, paths = load_graph_folder(self.folder, bundle, hint)
+        m = self.manifest
         self.device = torch.device(device)
         gpu = torch.cuda.get_device_name(self.device)
         if m.get("tensorrt") != trt.__version__ or m.get("gpu") != gpu:
@@ -42,9 +42,7 @@ class TensorRTEngine(GraphEngine):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines, self.contexts = {}, {}
         for name in GRAPHS:
-            path = self.folder / m["graphs"][name]["file"]
-            if not path.is_file():
-                raise EngineError(f"{path}: engine file is missing; {hint}")
+            path = paths[name]
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise EngineError(f"{path}: not a valid TensorRT engine for this TensorRT/GPU; {hint}")

@@ -3,9 +3,67 @@ through a Ray Data actor pool. Both build the pipeline with :class:`PipelineFact
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from cp_deploy.bundle import BUNDLE_FILE, Bundle, PromptSettings, load_bundle
+from cp_deploy.engines.manifest import MANIFEST_FILE
+from cp_deploy.io import InputError
+from cp_deploy.models.weights import sha256_file
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
+
+GRAPH_FOLDERS = {"onnxruntime": "onnx", "trt": "trt"}  # the default --graphs inside a bundle
+ENGINE_NAMES = {"TorchEngine": "torch", "OnnxRuntimeEngine": "onnxruntime", "TensorRTEngine": "trt"}
+
+
+def run_settings(bundle: Bundle, engine: str, graphs: Path | None, precision: str, options: PipelineOptions,
+                 slice_axis: int | None) -> dict:
+    """What decides a run's masks, recorded in ``run.json`` so ``--resume`` can refuse to mix
+    masks of other settings: the bundle (its ``bundle.json`` records every weight file's hash),
+    the engine and its graphs, the precision, the prompt settings after the bundle's defaults,
+    and the read options that change frames. Threads, workers, batch size and compile do not."""
+    manifest = graphs / MANIFEST_FILE if graphs is not None else None
+    spec = Path(bundle.root) / BUNDLE_FILE  # missing only for a Bundle built in memory
+    prompt = {k: getattr(bundle.prompt, k) if getattr(options, k) is None else getattr(options, k)
+              for k in PromptSettings.__dataclass_fields__ if k != "text"}  # text: part of bundle.json
+    return {
+        "bundle": str(Path(bundle.root).resolve()),
+        "bundle_sha256": sha256_file(spec) if spec.is_file() else None,
+        "engine": engine,
+        "graphs_manifest_sha256": sha256_file(manifest) if manifest is not None and manifest.is_file() else None,
+        "precision": precision if engine == "torch" else None,  # graphs carry their own precision
+        "prompts": options.prompts,
+        **prompt,
+        "slice_axis": slice_axis,
+    }
+
+
+def pipeline_settings(pipeline: CurriculumPipeline, slice_axis: int | None = None) -> dict:
+    """:func:`run_settings` of a pipeline built by hand (the Python API of ``run_folder``)."""
+    engine = pipeline.engine
+    name = ENGINE_NAMES.get(type(engine).__name__, type(engine).__name__)
+    return run_settings(pipeline.bundle, name, getattr(engine, "folder", None), getattr(engine, "precision", "fp32"),
+                        pipeline.options, slice_axis)
+
+
+def check_device(device: str, engine: str, count_gpus: bool = True) -> None:
+    """Refuse a device torch would reject only after the models load; ``count_gpus`` is off where
+    the GPUs are on other machines (Ray workers)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise InputError(f"--device {device}: not a device; pass cpu, cuda or cuda:N")
+    if not count_gpus or (device == "cpu" and engine != "trt"):
+        return
+    import torch
+
+    n = torch.cuda.device_count()
+    index = int(device.partition(":")[2] or 0)
+    if n == 0:
+        need = "--engine trt" if engine == "trt" else f"--device {device}"
+        raise InputError(f"{need}: no CUDA GPU is visible to torch; pass --device cpu"
+                         f"{' with --engine torch or onnxruntime' if engine == 'trt' else ''}, or run on a GPU machine")
+    if index >= n:
+        raise InputError(f"--device {device}: this machine has {n} CUDA GPU(s); pass cuda:0 to cuda:{n - 1}")
 
 
 @dataclass(frozen=True)
@@ -22,15 +80,23 @@ class PipelineFactory:
     precision: str = "fp32"  # torch engine: autocast precision of the encoder
     compile: bool = False  # torch engine: torch.compile the encoder
 
-    def __call__(self) -> CurriculumPipeline:
+    def settings(self, slice_axis: int | None = None, bundle: Bundle | None = None) -> dict:
+        """:func:`run_settings` of the pipeline this builds, without building it."""
+        bundle = bundle or load_bundle(self.bundle)
+        graphs = None
+        if self.engine in GRAPH_FOLDERS:
+            graphs = Path(self.graphs) if self.graphs else bundle.root / GRAPH_FOLDERS[self.engine]
+        return run_settings(bundle, self.engine, graphs, self.precision, self.options, slice_axis)
+
+    def __call__(self, bundle: Bundle | None = None) -> CurriculumPipeline:
+        """The pipeline; ``bundle``: this factory's bundle when the caller has loaded it already."""
         import torch
 
-        from cp_deploy.bundle import load_bundle
         from cp_deploy.engines import create_engine
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        bundle = load_bundle(self.bundle)
+        bundle = bundle or load_bundle(self.bundle)
         engine = create_engine(self.engine, bundle, device=self.device, graphs=self.graphs, threads=self.threads,
                                precision=self.precision, compile=self.compile)
         return CurriculumPipeline(bundle, engine, self.options)

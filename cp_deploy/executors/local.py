@@ -12,8 +12,8 @@ skips finished files without decoding them, and in a half-done file only the mis
 
 from __future__ import annotations
 
-import json
 import queue
+import re
 import sys
 import threading
 import time
@@ -26,8 +26,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cp_deploy.bundle import load_bundle
+from cp_deploy.executors import PipelineFactory, pipeline_settings
+from cp_deploy.executors.output import WriteFailed, claim_output, write_run_info
 from cp_deploy.formats import Decoded, ReadOptions, read_input
 from cp_deploy.io import (
+    InputError,
     RunJournal,
     atomic_write_bytes,
     discover_images,
@@ -53,6 +57,13 @@ class RunSummary:
     def images_per_second(self) -> float:
         return (self.ok + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
+    def run_info(self, batch_size: int, settings: dict) -> dict:
+        """``run.json``: counts and wall-clock throughput (known only here) for ``cp-deploy report``,
+        and the settings that ``--resume`` must match."""
+        return {"ok": self.ok, "failed": self.failed, "skipped": self.skipped, "seconds": round(self.seconds, 3),
+                "images_per_second": round(self.images_per_second, 4), "batch_size": batch_size,
+                "settings": settings}
+
     def line(self) -> str:
         return (
             f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done) of {self.total} images "
@@ -66,13 +77,26 @@ def _stem(f: Path) -> str:
     return f.as_posix()[: len(f.as_posix()) - cut] if cut else f.as_posix()
 
 
+# Files that may hold several frames (DICOM, NIfTI, multi-page TIFF) have frame masks
+# ``<stem>_<label>.png``, labels such as f001 (frames, pages) or x/y/z012 (NIfTI slices).
+_FRAME_MASK = re.compile(r"(.+)_[fpxyz]\d+")
+_SINGLE_FRAME = (".png", ".jpg", ".jpeg", ".bmp")
+
+
 def output_names(files: list[Path]) -> dict[str, str]:
-    """Relative input path -> relative mask path: the same path with ``.png``; where two inputs
-    share a stem (``a.jpg`` and ``a.png``), the full file name plus ``.png``, so none collide."""
+    """Relative input path -> relative mask path: the same path with ``.png``. An input keeps its
+    full file name plus ``.png`` where its stem is another input's (``a.jpg`` and ``a.png``) or
+    looks like a frame mask of a multi-frame input (``cine_f001.png`` beside ``cine.dcm``)."""
     stems: dict[str, int] = {}
     for f in files:
         stems[_stem(f)] = stems.get(_stem(f), 0) + 1
-    return {f.as_posix(): (_stem(f) if stems[_stem(f)] == 1 else f.as_posix()) + ".png" for f in files}
+    multi = {_stem(f) for f in files if f.suffix.lower() not in _SINGLE_FRAME}
+
+    def clashes(f: Path) -> bool:
+        frame = _FRAME_MASK.fullmatch(_stem(f))
+        return stems[_stem(f)] > 1 or (frame is not None and frame.group(1) in multi)
+
+    return {f.as_posix(): (f.as_posix() if clashes(f) else _stem(f)) + ".png" for f in files}
 
 
 def decode_timed(path: Path, options: ReadOptions | None = None) -> tuple[Decoded | Exception, float]:
@@ -190,8 +214,11 @@ class _Writer(threading.Thread):
         self.q: queue.Queue = queue.Queue(maxsize=64)
         self.error: BaseException | None = None
 
-        self.demoted = 0  # single-frame files whose format output failed after their mask was ok
+        # Images the main thread counted ok whose record the writer made an error: a format
+        # output that failed, or a mask path another input wrote earlier in this run.
+        self.demoted = 0
         self.file_failures = 0  # multi-frame files whose format output failed
+        self.mask_owner: dict[str, str] = {}  # mask path -> the key that wrote it in this run
 
     def run(self) -> None:
         while (item := self.q.get()) is not None:
@@ -208,6 +235,11 @@ class _Writer(threading.Thread):
             self._finish(source)
             return
         ok = isinstance(result, ImageResult)
+        owner = self.mask_owner.setdefault(mask_rel, rel) if ok else rel
+        if owner != rel:  # never overwrite another input's mask; output_names should prevent this
+            ok, error, result = False, (f"{rel}: its mask masks/{mask_rel} was already written for {owner} in "
+                                        "this run; rename one of the two inputs"), None
+            self.demoted += 1
         rec = write_outputs(self.out, rel, mask_rel, image, result if ok else (error or str(result)), decode_ms,
                             self.overlays)
         if source is None:
@@ -244,7 +276,9 @@ class _Writer(threading.Thread):
                     atomic_write_bytes(self.out / out_rel, data)
                     outputs[kind] = out_rel
             except Exception as e:  # the masks are kept; the file is recorded as failed
-                error = f"{source.rel}: writing the {source.decoded.info.get('format', 'format')} output failed: {e!r}"
+                # An InputError already names the file and the fix; anything else is unexpected.
+                error = str(e) if isinstance(e, InputError) else (
+                    f"{source.rel}: writing the {source.decoded.info.get('format', 'format')} output failed: {e!r}")
         if source.multi:
             rec = {"path": source.rel, "status": "error" if error else "ok", "frames": len(keys),
                    **source.decoded.info}
@@ -263,33 +297,46 @@ class _Writer(threading.Thread):
 
     def put(self, *item) -> None:
         if self.error is not None:
-            raise RuntimeError(f"writing outputs failed: {self.error}") from self.error
+            raise WriteFailed.of(self.error) from self.error
         self.q.put(item)
 
     def close(self) -> None:
+        """Write what is queued and stop; the caller checks ``error``."""
         self.q.put(None)
         self.join()
-        if self.error is not None:
-            raise RuntimeError(f"writing outputs failed: {self.error}") from self.error
 
 
-def plan_run(root: Path, out: Path, resume: bool, medical: bool = False
-             ) -> tuple[list[Path], dict[str, str], RunJournal, list[Path]]:
-    """Every input, its mask name, the run journal (earlier records loaded on ``resume``, else
-    cleared) and the inputs still to do. ``medical`` also lists DICOM and NIfTI files."""
-    files = discover_images(root, medical=medical)
+def plan_run(root: Path, out: Path, files: list[Path], unreadable: dict[Path, str], settings: dict,
+             resume: bool) -> tuple[dict[str, str], RunJournal, list[Path]]:
+    """Start a run in a claimed output folder (:func:`claim_output`): its mask names, the journal
+    (earlier records loaded on ``resume``, else cleared, then an error record per ``unreadable``
+    folder) and the inputs still to do. ``run.json`` records ``settings`` before the first image."""
     remove_stale_temporaries(out)  # half-written outputs of a killed run
     journal = RunJournal(out)
     if resume:
         journal.load()
+        for key in [k for k, r in journal.records.items() if r.get("folder")]:
+            del journal.records[key]  # listed afresh below, or readable now
     else:
         journal.reset()
+    write_run_info(out, {"settings": settings})
+    if unreadable:
+        journal.append([{"path": rel.as_posix(), "status": "error", "folder": True,
+                         "error": f"{root / rel}: cannot list the folder ({why}), so its images were not "
+                                  "segmented; make it readable, then rerun with --resume"}
+                        for rel, why in sorted(unreadable.items())])
     done = journal.done()
-    return files, output_names(files), journal, [f for f in files if f.as_posix() not in done]
+    return output_names(files), journal, [f for f in files if f.as_posix() not in done]
+
+
+def list_inputs(root: Path, medical: bool) -> tuple[list[Path], dict[Path, str]]:
+    """The inputs under ``root`` and the folders that could not be listed (relative path -> why)."""
+    unreadable: dict[Path, str] = {}
+    return discover_images(root, medical=medical, unreadable=unreadable), unreadable
 
 
 def run_folder(
-    pipeline: CurriculumPipeline,
+    pipeline: CurriculumPipeline | PipelineFactory,
     input_dir: str | Path,
     output_dir: str | Path,
     batch_size: int = 1,
@@ -298,27 +345,52 @@ def run_folder(
     workers: int = 2,
     progress: bool = True,
     read_options: ReadOptions | None = None,
+    overwrite: bool = False,
 ) -> RunSummary:
     """Segment every image under ``input_dir`` into ``output_dir``; see the module docstring.
 
-    ``read_options`` carries the DICOM/NIfTI settings (slice axis, UIDs in the records).
+    ``read_options`` carries the DICOM/NIfTI settings (slice axis, UIDs in the records). Given a
+    :class:`PipelineFactory`, the output folder is checked (:func:`claim_output`) before the
+    models load; ``overwrite`` lets a non-empty one be replaced, ``resume`` continues its run.
     """
     t_start = time.perf_counter()
     root, out = Path(input_dir), Path(output_dir)
     read_options = read_options or ReadOptions()
-    files, names, journal, todo = plan_run(root, out, resume, medical=True)
+    if isinstance(pipeline, PipelineFactory):
+        bundle = load_bundle(pipeline.bundle)  # checked, not built: the networks load after the checks
+        settings = pipeline.settings(read_options.slice_axis, bundle)
+    else:
+        settings = pipeline_settings(pipeline, read_options.slice_axis)
+    files, unreadable = list_inputs(root, medical=True)
+    with claim_output(root, out, settings, resume=resume, overwrite=overwrite):
+        if isinstance(pipeline, PipelineFactory):
+            pipeline = pipeline(bundle)
+        try:
+            return _segment(pipeline, root, out, files, unreadable, settings, resume, batch_size=batch_size,
+                            overlays=overlays, workers=workers, progress=progress, read_options=read_options,
+                            t_start=t_start)
+        except OSError as e:  # a full disk or a folder made read-only mid-run: one line, not a traceback
+            raise WriteFailed.of(e) from e
+
+
+def _segment(pipeline: CurriculumPipeline, root: Path, out: Path, files: list[Path], unreadable: dict[Path, str],
+             settings: dict, resume: bool, *, batch_size: int, overlays: bool, workers: int, progress: bool,
+             read_options: ReadOptions, t_start: float) -> RunSummary:
+    """:func:`run_folder` in its claimed output folder, with its pipeline built."""
+    names, journal, todo = plan_run(root, out, files, unreadable, settings, resume)
     done = journal.done()
     skipped = sum(journal.records[f.as_posix()].get("frames", 1) for f in files if f.as_posix() in done)
     writer = _Writer(out, journal, overlays)
     writer.start()
-    ok = failed = 0
+    ok, failed = 0, len(unreadable)
     bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, desc="cp-deploy")
 
     def flush(batch: list) -> None:
         nonlocal ok, failed
         if not batch:
             return
-        results = segment_batch(pipeline, [im for _, _, im, _, _ in batch], [f"{root}/{key}" for key, *_ in batch])
+        results = segment_batch(pipeline, [im for _, _, im, _, _ in batch],
+                                [f"{root}/{key}" for key, *_ in batch])
         for (key, mask_rel, im, dms, src), res in zip(batch, results):
             writer.put(key, mask_rel, im, res, None, dms, src)
             if isinstance(res, ImageResult):
@@ -356,14 +428,16 @@ def run_folder(
     finally:
         bar.close()
         writer.close()
-        journal.finalize()
+        if writer.error is None:
+            journal.finalize()
+        else:  # the disk may be full: keep the fsynced journal as it is for --resume
+            journal.close()
+    if writer.error is not None:
+        raise WriteFailed.of(writer.error) from writer.error
     ok -= writer.demoted
     failed += writer.demoted + writer.file_failures
     summary = RunSummary(ok + failed + skipped, ok, failed, skipped, time.perf_counter() - t_start, out)
-    # For `cp-deploy report`: the wall-clock throughput is known only here.
-    run_info = {"ok": ok, "failed": failed, "skipped": skipped, "seconds": round(summary.seconds, 3),
-                "images_per_second": round(summary.images_per_second, 4), "batch_size": batch_size}
-    atomic_write_bytes(out / "run.json", json.dumps(run_info, indent=1).encode("utf-8"))
+    write_run_info(out, summary.run_info(batch_size, settings))
     return summary
 
 

@@ -24,7 +24,10 @@ from tqdm import tqdm
 
 from cp_deploy import MissingExtraError
 from cp_deploy.executors import PipelineFactory
-from cp_deploy.executors.local import RunSummary, decode_timed, plan_run, segment_batch, write_outputs
+from cp_deploy.executors.local import RunSummary, decode_timed, list_inputs, plan_run, segment_batch, write_outputs
+from cp_deploy.executors.output import WriteFailed, claim_output, write_run_info
+from cp_deploy.formats import ReadOptions
+from cp_deploy.io import InputError
 
 RAY_EXTRA = "pip install 'curriculum-prompting[ray]'"
 
@@ -50,13 +53,17 @@ def _unpack(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _decode_row(row: dict, root: str) -> dict:
-    """A Ray Data task: decode one listed image with the local executor's decoder."""
-    decoded, ms = decode_timed(Path(root) / row["path"])
+def _decode_row(row: dict, root: str, options: ReadOptions) -> dict:
+    """A Ray Data task: decode one listed image with the local executor's decoder.
+
+    Ray runs list ordinary image files only, but a TIFF may hold several pages; those need the
+    local executor's per-frame journal, so such a file is an error record, never cut to a page."""
+    decoded, ms = decode_timed(Path(root) / row["path"], options)
+    if not isinstance(decoded, Exception) and len(decoded.frames) > 1:
+        decoded = InputError(f"{Path(root) / row['path']}: holds {len(decoded.frames)} frames (pages); "
+                             "--executor ray segments single-frame images only: run it with --executor local")
     failed = isinstance(decoded, Exception)
-    # Ray runs list ordinary image files only (plan_run without medical), so one frame each.
-    image = decoded if failed else decoded.frames[0]
-    return {**row, "image": b"" if failed else _pack(image), "error": str(image) if failed else "",
+    return {**row, "image": b"" if failed else _pack(decoded.frames[0]), "error": str(decoded) if failed else "",
             "decode_ms": ms}
 
 
@@ -94,6 +101,8 @@ def run_folder_ray(
     cpus_per_worker: float = 1.0,
     address: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    read_options: ReadOptions | None = None,
 ) -> RunSummary:
     """Segment every image under ``input_dir`` into ``output_dir`` on a Ray cluster.
 
@@ -103,12 +112,29 @@ def run_folder_ray(
     that dies is restarted and its batch rerun by Ray Data's actor pool, whose defaults are
     ``max_restarts=-1`` and ``max_task_retries=-1`` (this module does not pass them: Ray 2.60
     deprecates per-call remote args). Same outputs, journal and ``resume`` as
-    :func:`cp_deploy.executors.local.run_folder`.
+    :func:`cp_deploy.executors.local.run_folder`, and the same checks and lock of the output folder
+    (held by this driver).
     """
     ray = _import_ray()
-    t_start = time.perf_counter()
     root, out = Path(input_dir).resolve(), Path(output_dir).resolve()
-    files, names, journal, todo = plan_run(root, out, resume)
+    settings = factory.settings()
+    files, unreadable = list_inputs(root, medical=False)
+    with claim_output(root, out, settings, resume=resume, overwrite=overwrite):
+        try:
+            return _run(ray, factory, root, out, files, unreadable, settings, resume, batch_size=batch_size,
+                        overlays=overlays, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                        cpus_per_worker=cpus_per_worker, address=address, progress=progress,
+                        read_options=read_options or ReadOptions())
+        except OSError as e:  # the driver's journal on a full disk: one line, not a traceback
+            raise WriteFailed.of(e) from e
+
+
+def _run(ray, factory: PipelineFactory, root: Path, out: Path, files: list[Path], unreadable: dict[Path, str],
+         settings: dict, resume: bool, *, batch_size: int, overlays: bool, num_workers: int, gpus_per_worker: float,
+         cpus_per_worker: float, address: str | None, progress: bool, read_options: ReadOptions) -> RunSummary:
+    """:func:`run_folder_ray` in its claimed output folder."""
+    t_start = time.perf_counter()
+    names, journal, todo = plan_run(root, out, files, unreadable, settings, resume)
     started = bool(todo) and not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=progress)
@@ -123,7 +149,7 @@ def run_folder_ray(
             blocks = max(min(len(items), 4 * num_workers), -(-len(items) // 256))
             ds = (
                 ray.data.from_items(items, override_num_blocks=blocks)
-                .map(_decode_row, fn_kwargs={"root": str(root)})
+                .map(_decode_row, fn_kwargs={"root": str(root), "options": read_options})
                 .map_batches(
                     _Segmenter,
                     fn_constructor_kwargs={"factory": factory, "root": str(root), "out": str(out),
@@ -140,10 +166,13 @@ def run_folder_ray(
         # Counted from the journal, not the stream, in which a rerun batch may appear twice.
         status = [journal.records.get(f.as_posix(), {}).get("status") for f in todo]
         ok = status.count("ok")
-        failed = len(todo) - ok
+        failed = len(todo) - ok + len(unreadable)
     finally:
         bar.close()
         journal.finalize()
         if started:
             ray.shutdown()
-    return RunSummary(len(files), ok, failed, len(files) - len(todo), time.perf_counter() - t_start, out)
+    summary = RunSummary(len(files) + len(unreadable), ok, failed, len(files) - len(todo),
+                         time.perf_counter() - t_start, out)
+    write_run_info(out, summary.run_info(batch_size, settings))
+    return summary

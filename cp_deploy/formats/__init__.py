@@ -1,10 +1,11 @@
 """Medical image formats: readers give arrays plus what is needed to write results back.
 
 ``read_input`` dispatches on the file: DICOM (``.dcm``, ``.dicom`` or the ``DICM`` preamble),
-NIfTI (``.nii``, ``.nii.gz``), anything else to :func:`cp_deploy.io.read_image`. Every reader
-returns a :class:`Decoded`: one or more frames as stored (the pipeline's ``to_rgb_uint8`` does
-the conversion, as for any image) and, for formats that have one, a write-back that turns the
-frames' masks into the format's own output (DICOM-SEG, mask NIfTI).
+NIfTI (``.nii``, ``.nii.gz``), anything else to :func:`cp_deploy.io.read_pages` (every page of a
+multi-page TIFF is a frame). Every reader returns a :class:`Decoded`: one or more frames as
+stored (the pipeline's ``to_rgb_uint8`` does the conversion, as for any image) and, for formats
+that have one, a write-back that turns the frames' masks into the format's own output (DICOM-SEG,
+mask NIfTI).
 """
 
 from __future__ import annotations
@@ -12,25 +13,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from cp_deploy.formats.base import Decoded, MissingExtraError, ReadOptions, is_dicom_file, is_nifti_path
+from cp_deploy.io import IMAGE_EXTENSIONS, read_pages
 
 __all__ = ["Decoded", "MissingExtraError", "ReadOptions", "is_input_file", "read_input"]
 
 
 def is_input_file(path: Path) -> bool:
     """An image, DICOM or NIfTI file that ``cp-deploy batch`` reads."""
-    from cp_deploy.io import IMAGE_EXTENSIONS
-
     return path.suffix.lower() in IMAGE_EXTENSIONS or is_nifti_path(path) or is_dicom_file(path)
 
 
 def read_input(path: str | Path, options: ReadOptions | None = None) -> Decoded:
     """Decode one input file into its frames (see the module docstring)."""
-    from cp_deploy.io import IMAGE_EXTENSIONS, read_image
-
     path = Path(path)
     options = options or ReadOptions()
     if path.suffix.lower() in IMAGE_EXTENSIONS:
-        return Decoded(frames=[read_image(path)])
+        return _read_pages(path, options)
     if is_nifti_path(path):
         from cp_deploy.formats.nifti import read_nifti
 
@@ -39,4 +37,10 @@ def read_input(path: str | Path, options: ReadOptions | None = None) -> Decoded:
         from cp_deploy.formats.dicom import read_dicom
 
         return read_dicom(path, options)
-    return Decoded(frames=[read_image(path)])
+    return _read_pages(path, options)
+
+
+def _read_pages(path: Path, options: ReadOptions) -> Decoded:
+    """A plain image, or one frame per page of a multi-page TIFF (labels ``f001``, ...)."""
+    pages = read_pages(path, options.max_pixels)
+    return Decoded(frames=pages, info={"format": "tiff", "pages": len(pages)} if len(pages) > 1 else {})

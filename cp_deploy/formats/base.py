@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp_deploy.io import InputError
+from cp_deploy.io import MAX_PIXELS, InputError
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
@@ -34,6 +34,8 @@ class ReadOptions:
     slice_axis: int | None = None
     # DICOM: put the study/series/instance UIDs into results.jsonl (never names, IDs or dates).
     include_uids: bool = False
+    # Refuse a frame plane (H*W) above this many pixels from the header, before decoding; 0: no limit.
+    max_pixels: int = MAX_PIXELS
 
 
 @dataclass

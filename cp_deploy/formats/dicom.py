@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cp_deploy.formats.base import EXTRA_HINT, Decoded, MissingExtraError, ReadOptions
-from cp_deploy.io import InputError
+from cp_deploy.io import InputError, check_pixel_budget
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -138,17 +138,6 @@ def _check_decoder(path: Path, ds: Dataset) -> None:
         )
 
 
-def _check_size(path: Path, ds: Dataset, max_pixels: int) -> None:
-    """Refuse, before decoding, a frame plane larger than ``--max-pixels``: the header is cheap
-    to read, a decoded multi-gigapixel frame is not."""
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if max_pixels > 0 and rows * cols > max_pixels:
-        raise InputError(
-            f"{path}: the DICOM frames are {cols} x {rows} pixels ({rows * cols:,} per frame), more than "
-            f"--max-pixels {max_pixels:,}; raise --max-pixels (0: no limit) to read the file"
-        )
-
-
 def _grayscale(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     """Stored values -> display values: Modality LUT, VOI (mapped to uint8), MONOCHROME1 inverted."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -217,7 +206,8 @@ def _decode(path: Path, ds: Dataset, options: ReadOptions) -> Decoded:
             f"{path}: the DICOM file has no pixel data (modality {_modality(ds)}, "
             "e.g. a report or a presentation state); nothing to segment"
         )
-    _check_size(path, ds, options.max_pixels)
+    check_pixel_budget(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), options.max_pixels,
+                       "frames")
     _check_decoder(path, ds)
     try:
         arr = ds.pixel_array

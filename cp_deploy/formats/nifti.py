@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cp_deploy.formats.base import Decoded, MissingExtraError, ReadOptions
-from cp_deploy.io import InputError
+from cp_deploy.io import InputError, check_pixel_budget
 
 EXTRA = "nifti"
 AXIS_NAMES = "xyz"
@@ -48,7 +48,13 @@ def read_nifti(path: str | Path, options: ReadOptions | None = None) -> Decoded:
     except ImportError:
         raise MissingExtraError(path, "NIfTI files", EXTRA) from None
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path))  # reads the header only
+    except Exception as e:
+        raise InputError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+    # Before the voxels are read: the largest plane any slicing of the header's shape can give.
+    h, w = (1, 1, *sorted(int(n) for n in img.shape[:3]))[-2:]
+    check_pixel_budget(path, w, h, options.max_pixels, f"shape {tuple(img.shape)}, slices")
+    try:
         data = np.asanyarray(img.dataobj)  # applies scl_slope/scl_inter
     except Exception as e:
         raise InputError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e

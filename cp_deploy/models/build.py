@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cp_deploy.bundle import BUNDLE_FILE, FORMAT_VERSION, Bundle, load_bundle
+from cp_deploy.bundle import BUNDLE_FILE, FORMAT_VERSION, Bundle, BundleError, load_bundle
 from cp_deploy.models.detector import build_detector
 from cp_deploy.models.keypoints import build_keypoint_net, keypoint_reads
 from cp_deploy.models.sam import PromptHead, build_sam, default_preprocess, load_sam
-from cp_deploy.models.weights import load_strict, read_state_dict, save_state_dict
+from cp_deploy.models.weights import load_strict, read_state_dict, save_state_dict, sha256_file
 from cp_deploy.preprocess import PreprocessConfig
 
 
@@ -42,7 +42,11 @@ def build_models(bundle: Bundle) -> Models:
         ("detector", bundle.detector, lambda a, c: build_detector(a, c, bundle.prompt.text, bundle.root)),
         ("keypoints", bundle.keypoints, build_keypoint_net),
     ):
-        net = builder(spec.arch, spec.config)
+        try:
+            net = builder(spec.arch, spec.config)
+        except (TypeError, ValueError) as e:  # a config key the constructor lacks, or a bad value
+            raise BundleError(f"{bundle.root / BUNDLE_FILE}: '{name}.config' does not fit arch '{spec.arch}' "
+                              f"({e}); fix or remove the key it names") from e
         if spec.file is not None:
             load_strict(net, read_state_dict(spec.file), source=str(spec.file))
         stages[name] = net.eval()
@@ -103,10 +107,25 @@ def write_bundle(
             spec.setdefault("heads", {})[key] = {"file": fname, "sha256": sha}
         else:
             spec[key].update({"file": fname, "sha256": sha})
+    _record_hashes(out, spec)
     tmp = out / (BUNDLE_FILE + ".tmp")
     tmp.write_text(json.dumps(spec, indent=2) + "\n")
     tmp.replace(out / BUNDLE_FILE)
     return load_bundle(out)
+
+
+def _record_hashes(root: Path, spec: dict) -> None:
+    """Fill in the sha256 of every weight file ``spec`` names without one (a kept checkpoint,
+    a copied file): loading refuses weight files whose hash is not recorded."""
+    entries = [(spec.get("sam") or {}, "checkpoint")]
+    entries += [(e, "file") for e in (spec.get("heads") or {}).values() if isinstance(e, dict)]
+    entries += [(spec[k], "file") for k in ("detector", "keypoints") if isinstance(spec.get(k), dict)]
+    for entry, key in entries:
+        name = entry.get(key)
+        if isinstance(name, str) and entry.get("sha256") is None:
+            path = Path(name) if Path(name).is_absolute() else root / name
+            if path.is_file():
+                entry["sha256"] = sha256_file(path)
 
 
 def embedding_shape(sam_arch: str) -> tuple[int, int]:
@@ -128,7 +147,8 @@ def init_bundle(
 ) -> Bundle:
     """A bundle with seeded random detector and keypoint heads on the embedding.
 
-    The SAM weights come from ``sam_checkpoint`` (or LiteMedSAM's package); without a checkpoint
+    The SAM weights come from ``sam_checkpoint`` (recorded with its absolute path and sha256, or
+    LiteMedSAM's package); without a checkpoint
     a vit_h/l/b/tiny SAM is seeded random too and saved into the bundle (speed does not depend on
     the values). The box and refine heads start as the base
     SAM's own prompt encoder and mask decoder. With ``gdino`` (a ``GroundingDinoConfig`` as a
@@ -142,7 +162,9 @@ def init_bundle(
     pre = default_preprocess(sam_arch)
     stride = pre.image_size // side
     weights: dict = {}
-    sam_entry: dict = {"arch": sam_arch, "checkpoint": sam_checkpoint}
+    # An absolute path: the bundle.json must not depend on the directory init_bundle ran in.
+    checkpoint = None if sam_checkpoint is None else str(Path(sam_checkpoint).resolve())
+    sam_entry: dict = {"arch": sam_arch, "checkpoint": checkpoint}
     if sam_arch != "lite_medsam" and sam_checkpoint is None:  # seeded random SAM (tests, speed checks)
         weights["sam"] = build_sam(sam_arch)
     text = {"text": "polyp", **(prompt or {})}["text"]

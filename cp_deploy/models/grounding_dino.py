@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from cp_deploy import MissingExtraError
-from cp_deploy.bundle import BundleError
 
 GDINO_EXTRA = "pip install 'curriculum-prompting[gdino]'"
 
@@ -138,7 +137,7 @@ class GroundingDinoDetector(nn.Module):
         enc = tok(self.text, return_tensors="pt")
         limit = model.config.max_text_len
         if enc["input_ids"].shape[1] > limit:
-            raise BundleError(f"prompt.text {text!r} is {enc['input_ids'].shape[1]} tokens long; this Grounding "
+            raise ValueError(f"prompt.text {text!r} is {enc['input_ids'].shape[1]} tokens long; this Grounding "
                               f"DINO takes at most max_text_len = {limit} tokens: shorten the prompt")
         ids = enc["input_ids"]
         # [CLS], [SEP], '.' and '?' delimit phrases; a vocab without '?' maps it to [UNK], a word.
@@ -146,7 +145,7 @@ class GroundingDinoDetector(nn.Module):
         specials = {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, *delimiters}
         phrase = [i for i, t in enumerate(ids[0].tolist()) if t not in specials]
         if not phrase:
-            raise BundleError(f"prompt.text {text!r} has no words to ground")
+            raise ValueError(f"prompt.text {text!r} has no words to ground")
         self.model = model
         self.register_buffer("input_ids", ids, persistent=False)
         self.register_buffer("attention_mask", enc["attention_mask"], persistent=False)

@@ -111,6 +111,9 @@ class KeypointEnsemble(nn.Module):
         return torch.stack([m(features, rois) for m in self.members]).mean(0)
 
 
+KEYPOINT_ARCHS = ("embedding_heatmap", "hrnet")
+
+
 def keypoint_reads(arch: str) -> str:
     """What keypoint net ``arch`` reads: ``image`` (top-down on image crops) or ``embedding``."""
     return "image" if arch == "hrnet" else "embedding"
@@ -129,4 +132,4 @@ def build_keypoint_net(arch: str, config: dict) -> nn.Module:
         from cp_deploy.models.hrnet import HRNetKeypointNet  # it imports this module
 
         return HRNetKeypointNet(**cfg)
-    raise ValueError(f"unknown keypoint arch {arch!r}; known: embedding_heatmap, hrnet")
+    raise ValueError(f"unknown keypoint arch {arch!r}; known: {', '.join(KEYPOINT_ARCHS)}")

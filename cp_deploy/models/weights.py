@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,10 +37,25 @@ def read_state_dict(path: str | Path, sha256: str | None = None) -> dict[str, to
                 "one this bundle was made with; restore it or rebuild the bundle."
             )
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({e}); restore it or rebuild the "
+                               "bundle") from e
+    try:
+        # weights_only: a checkpoint is data; pickled objects could run code when loaded.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # torch's own message suggests weights_only=False, which would run the file's code: never.
+        raise WeightsError(
+            f"{path}: not a plain tensor checkpoint (it holds pickled objects, or is not a PyTorch file), "
+            "and its pickled objects are not loaded; convert it to safetensors or a state dict of tensors"
+        ) from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors (got {type(state).__name__}); convert it to "
+                           "safetensors or a state dict of tensors")
     return state
 
 

@@ -184,15 +184,16 @@ def test_resume_removes_half_written_outputs(tiny_bundle, tmp_path):
     kill test above catches that only when the kill lands mid-write)."""
     inp, out = tmp_path / "in", tmp_path / "out"
     make_images(inp, 2, sizes=((64, 80),))
-    stale = out / "masks" / ".img_000.png.abc123.tmp"
+    stale = out / "masks" / ".img_000.png.cp-abc12_89.tmp"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a png")
     keep = out / "masks" / "notes.tmp"  # not an atomic write's temporary: left alone
     keep.write_bytes(b"user file")
+    (out / "masks" / ".draft.abc123.tmp").write_bytes(b"user file too")  # the old, ambiguous name form
     cmd = [sys.executable, "-m", "cp_deploy.cli", "batch", "--input", str(inp), "--output", str(out),
            "--bundle", str(tiny_bundle.root), "--no-progress", "--resume"]
     assert subprocess.run(cmd, capture_output=True).returncode == 0
-    assert not stale.exists() and keep.exists()
+    assert not stale.exists() and keep.exists() and (out / "masks" / ".draft.abc123.tmp").exists()
     assert len(_lines(out)) == 2
 
 

@@ -130,6 +130,9 @@ class KillOnce:
         pipeline.predict = predict_or_die
         return pipeline
 
+    def settings(self) -> dict:
+        return self.factory.settings()
+
 
 def test_killed_worker_is_retried_and_every_image_done_once(ray_cluster, tiny_bundle, inputs, local_run, tmp_path):
     marker = tmp_path / "killed.pid"

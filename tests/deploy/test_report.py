@@ -115,3 +115,69 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
     assert img.std() > 20
     green = (img[..., 1] > 150) & (img[..., 0] < 100) & (img[..., 2] < 100)
     assert green.sum() > 500
+
+
+def _crafted_run(run_dir, tmp_path: Path, lines: list[str]) -> Path:
+    out, _ = run_dir
+    crafted = tmp_path / "crafted"
+    shutil.copytree(out, crafted, ignore=shutil.ignore_patterns("report.html"))
+    results = crafted / "results.jsonl"
+    results.write_text(results.read_text() + "".join(line + "\n" for line in lines))
+    return crafted
+
+
+def test_report_embeds_only_files_inside_the_run(run_dir, tmp_path, capsys):
+    """A record's mask or overlay naming a file elsewhere (``..``, an absolute path, a symlink out
+    of the run folder) is refused and listed, never embedded."""
+    import base64
+    import json
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG secret bytes of another folder")
+    leak = base64.b64encode(secret.read_bytes()).decode("ascii")
+    records = [
+        {"path": "up.png", "status": "ok", "mask": "../secret.png"},
+        {"path": "abs.png", "status": "ok", "mask": "masks/img_000.png", "overlay": str(secret)},
+        {"path": "link.png", "status": "ok", "mask": "masks/link.png"},
+        {"path": "deep.png", "status": "ok", "mask": "masks/../../../../../../../../etc/passwd"},
+        {"path": "out.dcm", "status": "ok", "frames": 1, "outputs": {"seg": "../secret.png"}},
+    ]
+    crafted = _crafted_run(run_dir, tmp_path, [json.dumps(r) for r in records])
+    (crafted / "masks" / "link.png").symlink_to(secret)
+    assert main(["report", str(crafted)]) == 0
+    page = (crafted / "report.html").read_text()
+    assert leak not in page and "../secret.png\"" not in page and "root:" not in page
+    assert base64.b64encode(Path("/etc/passwd").read_bytes()[:30]).decode()[:30] not in page
+    assert page.count("refused:") == 5
+    err = capsys.readouterr().err
+    for name in ("up.png", "abs.png", "link.png", "deep.png", "out.dcm"):
+        assert f"record '{name}'" in err and f"record &#x27;{name}&#x27;" in page
+    # The run's own images are still embedded.
+    assert page.count('<img src="data:image/jpeg;base64,') == 3
+
+
+def test_report_lists_lines_that_are_not_records(run_dir, tmp_path, capsys):
+    crafted = _crafted_run(run_dir, tmp_path, ['{"status": "ok", "mask": "masks/img_000.png"}', "[1, 2]"])
+    n = len((crafted / "results.jsonl").read_text().splitlines())
+    assert main(["report", str(crafted)]) == 0
+    page = (crafted / "report.html").read_text()
+    err = capsys.readouterr().err
+    for line in (n - 1, n):
+        assert f"results.jsonl line {line}: no &#x27;path&#x27; key" in page
+        assert f"results.jsonl line {line}: no 'path' key" in err
+    assert "Traceback" not in err
+
+
+def test_report_escapes_every_record_field(run_dir, tmp_path):
+    import json
+
+    evil = "<img src=x onerror=alert(1)>"
+    records = [
+        {"path": "a.png", "status": "ok", "mask": "masks/img_000.png", "width": evil, "height": evil,
+         "mask_area": evil, "instances": evil, "timings_ms": {evil: 5.0, "encode": "slow"}},
+        {"path": "b.dcm", "status": "ok", "frames": evil, "outputs": {evil: "masks/img_001.png"}, "dicom_seg": evil},
+        {"path": "c.png", "status": "error", "error": evil, "timings_ms": {evil: "x"}},
+    ]
+    crafted = _crafted_run(run_dir, tmp_path, [json.dumps(r) for r in records])
+    page = build_report(crafted)
+    assert evil not in page and "onerror=alert(1)&gt;" in page

@@ -15,6 +15,7 @@ from cp_deploy.cli import main as deploy_main
 from cp_deploy.engines.manifest import EngineError
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.models.sam import PromptHead, build_sam, labelled_prompts
+from cp_deploy.models.weights import sha256_file
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 from export.cli import main as export_main
 from export.parity import Tolerance, check_parity, synthetic_images
@@ -126,6 +127,12 @@ def _copy(exported: Path, tmp_path: Path) -> Path:
 def test_corrupt_graph_names_file_and_fix(tiny_bundle, exported, tmp_path, capsys):
     d = _copy(exported, tmp_path)
     (d / "refine.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(EngineError, match=r"refine\.onnx: sha256 .* differs.*cp-export onnx"):
+        OnnxRuntimeEngine(tiny_bundle, onnx_dir=d)
+    # A broken graph whose hash is recorded (a bad export) fails in ONNX Runtime, as clearly.
+    m = json.loads((d / "manifest.json").read_text())
+    m["graphs"]["refine"]["sha256"] = sha256_file(d / "refine.onnx")
+    (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(EngineError, match=r"refine\.onnx: cannot load the ONNX graph.*cp-export onnx"):
         OnnxRuntimeEngine(tiny_bundle, onnx_dir=d)
     make_images(tmp_path / "in", 1)

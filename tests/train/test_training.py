@@ -322,7 +322,7 @@ def test_keypoint_ensemble_members_share_the_validation_split(dataset, tiny_bund
         extra = ["--epochs", "1", "--seed", str(seed), "--val-seed", "0", "--keypoint-init", "fresh"]
         assert train_main(["keypoints", *_args(dataset, out, tiny_bundle.root, *extra)]) == 0
         runs.append(out)
-    assert seeds == [0, 0]
+    assert seeds and set(seeds) == {0}  # every carve (the up-front check and the stage) uses --val-seed
     ens = tmp_path / "kp-ens"
     assert ensemble_main(["--stage", "keypoints", "--out", str(ens), *map(str, runs)]) == 0
     bundle = load_bundle(ens)
