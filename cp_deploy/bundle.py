@@ -1,19 +1,26 @@
 """The bundle: one directory with ``bundle.json`` and the weights ``cp-deploy`` needs.
 
-This module parses and validates ``bundle.json`` (known keys only, each of its type and range)
-and checks that every weight file it names lies inside the bundle (the SAM checkpoint may also be
-an absolute path), exists and has the recorded sha256. Errors name the file and the key. Building
-the networks from a bundle is ``cp_deploy.models.build``'s job.
+The format's one home: parsing and validating ``bundle.json`` (known keys only, each of its type
+and range; every weight file inside the bundle, except that the SAM checkpoint may be an absolute
+path, present and matching its recorded sha256), writing a bundle, deriving one from a base with
+some stages replaced, and copying one without its weights. Errors name the file and the key.
+Building the networks from a bundle is ``cp_deploy.models.build``'s job.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from cp_deploy.io import atomic_write_bytes
+from cp_deploy.models.weights import save_state_dict, sha256_file
 from cp_deploy.preprocess import PreprocessConfig
 
 FORMAT_VERSION = 1
@@ -143,8 +150,6 @@ def _weight(root: Path, file: object, sha: object, where: str, file_key: str, sh
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise BundleError(f"{where}: key '{sha_key}' is {sha!r}, not a sha256 (64 lowercase hex digits); "
                           f"record it with: sha256sum {path}")
-    from cp_deploy.models.weights import sha256_file
-
     actual = sha256_file(path)
     if actual != sha:
         raise BundleError(
@@ -161,20 +166,15 @@ def _preprocess(d: object, section: str, where: str) -> PreprocessConfig:
         raise BundleError(f"{where}: {e}") from e
 
 
-def _stage(root: Path, d: dict, key: str, where: str, archs: tuple[str, ...],
-           reads_of: Callable[[str], str] | None = None) -> StageSpec:
-    """One stage entry; ``reads_of`` (arch -> its input) where the arch fixes what it reads."""
+def _stage(root: Path, d: dict, key: str, where: str) -> StageSpec:
+    """One stage entry. Whether its arch is known and reads what the entry says is checked where
+    the networks are built (``cp_deploy.models.build.stage_families``), which knows the families."""
     entry = _get(d, key, where, dict)
     _no_unknown_keys(entry, STAGE_KEYS, key, where)
     arch = _get(entry, "arch", f"{where} [{key}]", str)
-    if arch not in archs:
-        raise BundleError(f"{where}: '{key}.arch' is {arch!r}; expected one of {', '.join(archs)}")
     reads = _get(entry, "reads", f"{where} [{key}]", str)
     if reads not in ("image", "embedding"):
         raise BundleError(f"{where}: '{key}.reads' must be 'image' or 'embedding', got {reads!r}")
-    if reads_of is not None and reads_of(arch) != reads:
-        raise BundleError(f"{where}: '{key}.reads' is {reads!r}, but {arch} reads the {reads_of(arch)}; "
-                          f"set it to {reads_of(arch)!r}")
     config = entry.get("config", {})
     if not isinstance(config, dict):
         raise BundleError(f"{where}: '{key}.config' must be an object (the net's constructor arguments), "
@@ -248,9 +248,6 @@ def _heads(root: Path, d: dict, where: str) -> dict[str, WeightRef]:
 
 def load_bundle(path: str | Path | None = None) -> Bundle:
     """Parse and check a bundle directory (or its ``bundle.json``); ``None`` means the default."""
-    # Only the names of the known architectures, read from the model registry (nothing is built).
-    from cp_deploy.models.detector import DETECTOR_ARCHS
-    from cp_deploy.models.keypoints import KEYPOINT_ARCHS, keypoint_reads
     from cp_deploy.models.sam import SAM_ARCHS
 
     root = Path(path) if path is not None else default_bundle_path()
@@ -297,8 +294,138 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         preprocess=preprocess,
         box_head=heads["box"],
         refine_head=heads["refine"],
-        detector=_stage(root, d, "detector", where, DETECTOR_ARCHS),
-        keypoints=_stage(root, d, "keypoints", where, KEYPOINT_ARCHS, keypoint_reads),
+        detector=_stage(root, d, "detector", where),
+        keypoints=_stage(root, d, "keypoints", where),
         prompt=prompt,
         metadata=dict(metadata),
     )
+
+
+# Writing. A bundle is written as its weight files first, then bundle.json, each atomically, so
+# a reader never sees a bundle.json whose files or hashes are not there yet.
+
+STAGE_NAMES = ("detector", "keypoints")
+Weights = nn.Module | Mapping[str, torch.Tensor]
+
+
+def write_spec(bundle_dir: str | Path, spec: dict) -> None:
+    """Write ``spec`` as ``bundle_dir``/bundle.json, atomically."""
+    atomic_write_bytes(Path(bundle_dir) / BUNDLE_FILE, (json.dumps(spec, indent=2) + "\n").encode("utf-8"))
+
+
+def write_bundle(
+    out: str | Path,
+    spec: dict,
+    weights: Mapping[str, Weights | None],
+    weight_dtype: torch.dtype | None = None,
+) -> Bundle:
+    """Write ``spec`` (a bundle.json without file entries) plus the given weights, then reload it.
+
+    ``weights`` maps ``sam``, ``box``, ``refine``, ``detector`` and ``keypoints`` to a module or
+    state dict to save as safetensors, or to ``None`` to keep what ``spec`` says (for example the
+    base SAM's own heads, or a checkpoint path). ``weight_dtype`` is the storage precision.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(json.dumps(spec))
+    spec["format_version"] = FORMAT_VERSION
+    for key, obj in weights.items():
+        if obj is None:
+            continue
+        fname = f"{key}.safetensors"
+        sha = save_state_dict(obj, out / fname, dtype=weight_dtype)
+        if key == "sam":
+            spec["sam"].update({"checkpoint": fname, "sha256": sha})
+        elif key in HEAD_NAMES:
+            spec.setdefault("heads", {})[key] = {"file": fname, "sha256": sha}
+        else:
+            spec[key].update({"file": fname, "sha256": sha})
+    _record_hashes(out, spec)
+    write_spec(out, spec)
+    return load_bundle(out)
+
+
+def _record_hashes(root: Path, spec: dict) -> None:
+    """Fill in the sha256 of every weight file ``spec`` names without one (a kept checkpoint,
+    a copied file): loading refuses weight files whose hash is not recorded."""
+    entries = [(spec.get("sam") or {}, "checkpoint")]
+    entries += [(e, "file") for e in (spec.get("heads") or {}).values() if isinstance(e, dict)]
+    entries += [(spec[k], "file") for k in STAGE_NAMES if isinstance(spec.get(k), dict)]
+    for entry, key in entries:
+        name = entry.get(key)
+        if isinstance(name, str) and entry.get("sha256") is None:
+            path = Path(name) if Path(name).is_absolute() else root / name
+            if path.is_file():
+                entry["sha256"] = sha256_file(path)
+
+
+def read_spec(bundle: Bundle | str | Path) -> dict:
+    """The raw bundle.json of a bundle (or bundle directory), as a dict."""
+    root = bundle.root if isinstance(bundle, Bundle) else Path(bundle)
+    return json.loads((root / BUNDLE_FILE).read_text())
+
+
+def derive_bundle(base: Bundle, out: str | Path, replace: dict[str, tuple[dict | None, Weights]],
+                  metadata: dict | None = None, prompt: dict | None = None) -> Bundle:
+    """Copy ``base`` to ``out`` with some stages replaced.
+
+    ``replace`` maps ``detector``, ``keypoints``, ``box`` or ``refine`` to (new bundle.json entry
+    or ``None`` to keep the entry, weights). Files of the stages kept are copied with their hashes.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = read_spec(base)
+    for key in STAGE_NAMES:
+        entry = spec[key]
+        if key in replace:
+            if replace[key][0] is not None:
+                spec[key] = dict(replace[key][0])
+            spec[key].pop("file", None)
+            spec[key].pop("sha256", None)
+        elif entry.get("file"):
+            _copy_file(base.root / entry["file"], out)
+    heads = spec.setdefault("heads", {})
+    for key in HEAD_NAMES:
+        entry = heads.get(key)
+        if key in replace:
+            heads[key] = None
+        elif entry and entry.get("file"):
+            _copy_file(base.root / entry["file"], out)
+    sam = spec["sam"]
+    if sam.get("checkpoint") and not Path(sam["checkpoint"]).is_absolute():
+        _copy_file(base.root / sam["checkpoint"], out)
+    spec.setdefault("metadata", {}).update(metadata or {})
+    spec.setdefault("prompt", {}).update(prompt or {})
+    # fp16 storage halves the bundle; the networks run in the engine's own precision.
+    return write_bundle(out, spec, {k: v[1] for k, v in replace.items()}, weight_dtype=torch.float16)
+
+
+def update_spec(bundle_dir: str | Path, section: str, values: dict) -> None:
+    """Merge ``values`` into ``section`` (e.g. ``prompt``, ``metadata``) of a written bundle's
+    bundle.json, atomically; weights and their hashes are untouched."""
+    spec = read_spec(bundle_dir)
+    spec.setdefault(section, {}).update(values)
+    write_spec(bundle_dir, spec)
+
+
+def weightless_copy(out: str | Path, src: str | Path | None = None) -> Bundle:
+    """Write ``out``/bundle.json: ``src``'s (default: the shipped bundle) with no head, detector or
+    keypoint file, so each stage starts from its base model.
+
+    A base for training a detector validated on its boxes, which reads none of those weights: the
+    copy is one small file where the full bundle carries tens of MB.
+    """
+    spec = read_spec(src if src is not None else default_bundle_path())
+    spec["heads"] = {}
+    for key in STAGE_NAMES:
+        spec[key].pop("file", None)
+        spec[key].pop("sha256", None)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_spec(out, spec)
+    return load_bundle(out)
+
+
+def _copy_file(src: Path, out_dir: Path) -> None:
+    dst = out_dir / src.name
+    if src.resolve() != dst.resolve():
+        shutil.copy2(src, dst)

@@ -1,7 +1,8 @@
 """The curriculum pipeline: detector boxes -> coarse box pass -> edge points -> fine pass.
 
 It knows the Engine protocol and the bundle's settings, never a runtime by name. Prompt modes
-(the paper's ablations; ``docs/METHOD.md`` explains each choice the paper leaves open):
+(the paper's ablations; ``docs/METHOD.md`` explains each choice the paper leaves open) are rows
+of :data:`PROMPT_TABLE`:
 
 ============  ========================================================================
 ``box``        box head on the box.
@@ -12,24 +13,67 @@ It knows the Engine protocol and the bundle's settings, never a runtime by name.
 ``curriculum`` box head on the box, then refine head on the 8 points with the edge label
                plus the coarse logits (and SAM's padding point, as there is no box).
 ============  ========================================================================
+
+Boxes and points are handed around in input-image pixels; :class:`Resize` maps a whole batch
+of them to and from a model's resized input in one tensor operation.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.ops import nms
 
-from cp_deploy.bundle import EDGE_LABELS, PROMPT_MODES, Bundle
+from cp_deploy.bundle import EDGE_LABELS, PROMPT_MODES, Bundle, load_bundle
+from cp_deploy.engines import create_engine
 from cp_deploy.engines.base import Engine
-from cp_deploy.models.detector import decode_detections
 from cp_deploy.models.keypoints import decode_heatmaps, expand_boxes
+from cp_deploy.models.registry import decode_detections
 from cp_deploy.preprocess import Frame, PreprocessConfig, postprocess_masks, preprocess_image, to_rgb_uint8
 
 STAGES = ("preprocess", "encode", "detect", "box", "keypoints", "refine", "postprocess")
+EDGE_POINTS = 8  # the keypoint net's points per instance
+REFINE_PROMPTS = ("points", "box", "mask")
+
+
+@dataclass(frozen=True)
+class PromptMode:
+    """Which passes a prompt mode runs and what each is prompted with.
+
+    ``coarse``: the box head on the box. ``refine``: the refine head's prompts, any of
+    ``points`` (the edge points), ``box`` and ``mask`` (the coarse logits); empty when the coarse
+    pass is final. ``positive_points``: label the points positive instead of the edge label."""
+
+    coarse: bool
+    refine: tuple[str, ...] = ()
+    positive_points: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.refine) - set(REFINE_PROMPTS)
+        if unknown:
+            raise ValueError(f"unknown refine prompt(s) {sorted(unknown)}; expected {REFINE_PROMPTS}")
+        if not self.coarse and not self.refine:
+            raise ValueError("a prompt mode runs the coarse pass, the refine pass or both")
+        if "mask" in self.refine and not self.coarse:
+            raise ValueError("the refine pass can take the coarse logits only after a coarse pass")
+
+    @property
+    def points(self) -> bool:
+        """Whether the mode needs edge points (and so runs the keypoint stage)."""
+        return "points" in self.refine
+
+
+PROMPT_TABLE: dict[str, PromptMode] = {
+    "box": PromptMode(coarse=True),
+    "points": PromptMode(coarse=False, refine=("points",), positive_points=True),
+    "box+points": PromptMode(coarse=False, refine=("box", "points")),
+    "box+mask": PromptMode(coarse=True, refine=("box", "mask")),
+    "curriculum": PromptMode(coarse=True, refine=("points", "mask")),
+}
 
 
 @dataclass
@@ -71,8 +115,150 @@ class ImageResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000.0
+class StageTimer:
+    """Accumulated wall time of one stage over its ``with`` blocks (ultralytics' ``Profile``).
+
+    On CUDA the device is synchronised before each clock read: kernels run asynchronously, so an
+    unsynchronised stage would be charged for its launches and the next one for its kernels."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ms = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> StageTimer:
+        self._start = self._clock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ms += (self._clock() - self._start) * 1000.0
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def stage_timers(device: torch.device) -> dict[str, StageTimer]:
+    """One :class:`StageTimer` per pipeline stage."""
+    return {s: StageTimer(device) for s in STAGES}
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Resize-longest-side geometry of a batch, per instance: pixel (x, y) scale factors and the
+    original (width, height), both float64 so the mapping rounds as ResizeLongestSide's does."""
+
+    scale: torch.Tensor  # Nx2 (sx, sy)
+    size: torch.Tensor  # Nx2 (w, h)
+
+    @classmethod
+    def of(cls, geometry: list[Frame], device: torch.device | None = None) -> Resize:
+        """One row per image of ``geometry``."""
+        rows = [(g.input_size[1] / g.original_size[1], g.input_size[0] / g.original_size[0],
+                 g.original_size[1], g.original_size[0]) for g in geometry]
+        t = torch.tensor(rows, dtype=torch.float64, device=device).reshape(-1, 4)
+        return cls(t[:, :2], t[:, 2:])
+
+    def __getitem__(self, index: torch.Tensor) -> Resize:
+        """The rows of ``index`` (e.g. each instance's image)."""
+        return Resize(self.scale[index], self.size[index])
+
+    def points_to_model(self, xy: torch.Tensor) -> torch.Tensor:
+        """NxPx2 input-image pixels -> model-input pixels (float32)."""
+        return (xy.double() * self.scale[:, None, :]).float()
+
+    def points_to_image(self, xy: torch.Tensor) -> torch.Tensor:
+        """NxPx2 model-input pixels -> input-image pixels (float32)."""
+        return (xy.double() / self.scale[:, None, :]).float()
+
+    def boxes_to_model(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Nx4 xyxy input-image pixels -> model-input pixels (float32)."""
+        return self.points_to_model(boxes.reshape(-1, 2, 2)).reshape(-1, 4)
+
+    def boxes_to_image(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Nx4 xyxy model-input pixels -> input-image pixels, clipped to the image (float32)."""
+        xy = boxes.double().reshape(-1, 2, 2) / self.scale[:, None, :]
+        xy = torch.minimum(xy.clamp(min=0), self.size[:, None, :])
+        return xy.reshape(-1, 4).float()
+
+
+class Batch:
+    """Decoded images as RGB uint8, preprocessed at most once per model config (stages with equal
+    settings share the tensor)."""
+
+    def __init__(self, images: list[np.ndarray], device: torch.device) -> None:
+        self.images = [to_rgb_uint8(im) for im in images]
+        self.device = device
+        self._inputs: dict[PreprocessConfig, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def geometry(self, cfg: PreprocessConfig) -> list[Frame]:
+        """Each image's resize geometry for ``cfg``."""
+        return [Frame.for_image(im.shape[:2], cfg.image_size) for im in self.images]
+
+    def resize(self, cfg: PreprocessConfig) -> Resize:
+        """:meth:`geometry` as a :class:`Resize` on the device."""
+        return Resize.of(self.geometry(cfg), self.device)
+
+    def inputs(self, cfg: PreprocessConfig) -> torch.Tensor:
+        """Bx3xSxS model input for ``cfg`` on the device.
+
+        For a CUDA device the batch is staged in pinned memory and copied asynchronously, so the
+        copy overlaps work already queued on the GPU."""
+        if cfg not in self._inputs:
+            x = torch.stack([preprocess_image(im, cfg)[0] for im in self.images])
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            else:
+                x = x.to(self.device)
+            self._inputs[cfg] = x
+        return self._inputs[cfg]
+
+
+@dataclass
+class Instances:
+    """A batch's instances, flattened: Nx4 boxes (input pixels) and N scores, ``image`` the index
+    of each one's image and ``counts`` the number per image."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    image: torch.Tensor
+    counts: list[int]
+
+    @classmethod
+    def gather(cls, per_image: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> Instances:
+        """Flatten per-image (boxes, scores)."""
+        counts = [len(b) for b, _ in per_image]
+        image = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                        torch.tensor(counts, dtype=torch.long, device=device))
+        if not sum(counts):
+            return cls(torch.zeros(0, 4, device=device), torch.zeros(0, device=device), image, counts)
+        boxes = torch.cat([b.to(device) for b, _ in per_image])
+        scores = torch.cat([s.to(device) for _, s in per_image])
+        return cls(boxes, scores, image, counts)
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+
+@dataclass
+class Passes:
+    """The decoder passes' outputs: coarse and final Nx1xhxw logits (``None`` where a pass did
+    not run or there are no instances), the final pass's Nx1 IoU, and the edge points (Nx8x2
+    input pixels) with their Nx8 scores."""
+
+    points: torch.Tensor
+    point_scores: torch.Tensor
+    iou: torch.Tensor
+    coarse: torch.Tensor | None = None
+    final: torch.Tensor | None = None
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.float().cpu().numpy()
 
 
 class CurriculumPipeline:
@@ -83,6 +269,7 @@ class CurriculumPipeline:
         self.engine = engine
         self.options = options or PipelineOptions()
         p, o = bundle.prompt, self.options
+        self.prompt_mode = PROMPT_TABLE[o.prompts]
         self.mode = o.mode or p.mode
         self.score_threshold = p.score_threshold if o.score_threshold is None else o.score_threshold
         self.nms_iou = p.nms_iou if o.nms_iou is None else o.nms_iou
@@ -93,58 +280,23 @@ class CurriculumPipeline:
         self.det_cfg = bundle.detector.preprocess or self.sam_cfg
         self.kp_cfg = bundle.keypoints.preprocess or self.sam_cfg
 
-    # -- helpers --------------------------------------------------------------------------------
-    def _inputs(
-        self, images: list[np.ndarray], cfg: PreprocessConfig, cache: dict
-    ) -> tuple[torch.Tensor, list[Frame]]:
-        """Preprocess once per distinct config (stages with equal settings share the tensor).
+    @classmethod
+    def from_bundle(
+        cls, bundle: str | Path | Bundle | None = None, engine: str = "torch", device: str = "cpu", *,
+        graphs: str | Path | None = None, threads: int = 0, precision: str = "fp32", compile: bool = False,
+        **options: object,
+    ) -> CurriculumPipeline:
+        """The pipeline of ``bundle`` (a folder, a loaded Bundle, or ``None``: the default) on the
+        engine called ``engine``; ``options`` are :class:`PipelineOptions` fields, and the other
+        keywords go to :func:`~cp_deploy.engines.create_engine`."""
+        bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        eng = create_engine(engine, bundle, device=device, graphs=graphs, threads=threads, precision=precision,
+                            compile=compile)
+        return cls(bundle, eng, PipelineOptions(**options))
 
-        For a CUDA engine the batch is staged in pinned memory and copied asynchronously, so the
-        copy overlaps work already queued on the GPU."""
-        if cfg not in cache:
-            xs, frames = zip(*(preprocess_image(im, cfg) for im in images))
-            x = torch.stack(xs)
-            if self.engine.device.type == "cuda":
-                x = x.pin_memory().to(self.engine.device, non_blocking=True)
-            else:
-                x = x.to(self.engine.device)
-            cache[cfg] = (x, list(frames))
-        return cache[cfg]
-
-    def _select(self, boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """NMS, then the score threshold (but at least ``min_instances`` of the best), then
-        top-1 or at most K instances."""
-        if len(boxes):
-            keep = nms(boxes.float(), scores.float(), self.nms_iou)
-            boxes, scores = boxes[keep], scores[keep]
-        passed = int((scores >= self.score_threshold).sum())
-        k = min(max(passed, self.min_instances), 1 if self.mode == "top1" else self.max_instances)
-        return boxes[:k], scores[:k]
-
-    # -- stages ---------------------------------------------------------------------------------
-    def detect(
-        self, images: list[np.ndarray], emb: torch.Tensor, frames: list[Frame], cache: dict | None = None,
-        raw: dict[str, torch.Tensor] | None = None,
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image (Kx4 boxes in original pixels, K scores) after threshold, NMS and top-K.
-
-        ``images`` are RGB uint8; ``emb`` and ``frames`` are the SAM embeddings and geometry;
-        ``raw`` are the detector's outputs when they were queued already (see :meth:`predict`).
-        """
-        cache = {} if cache is None else cache
-        if self.bundle.detector.reads == "image":
-            det_x, det_frames = self._inputs(images, self.det_cfg, cache)
-        else:
-            det_x, det_frames = emb, frames
-        if raw is None:
-            raw = self.engine.detect(det_x)
-        self.engine.join()
-        out = []
-        spec = self.bundle.detector
-        for (b, s), fr in zip(decode_detections(spec.arch, raw, spec.config), det_frames):
-            b = torch.from_numpy(fr.boxes_to_original(b.cpu().numpy())).float()
-            out.append(self._select(b, s.cpu().float()))
-        return out
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
 
     # -- the pipeline -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -164,156 +316,186 @@ class CurriculumPipeline:
         """
         if not images:
             return []
-        t = {s: 0.0 for s in STAGES}
-        dev = self.engine.device
-        t0 = time.perf_counter()
-        images = [to_rgb_uint8(im) for im in images]
-        cache: dict = {}
-        x, frames = self._inputs(images, self.sam_cfg, cache)
-        t["preprocess"] += _ms(t0)
-
-        raw = None
-        if boxes is None and self.bundle.detector.reads == "image":
-            # Queued before the encoder: both read only the image, so on a GPU they overlap.
-            t0 = time.perf_counter()
-            raw = self.engine.detect(self._inputs(images, self.det_cfg, cache)[0])
-            t["detect"] += _ms(t0)
-
-        t0 = time.perf_counter()
-        emb = self.engine.encode(x) if embeddings is None else embeddings.to(dev, torch.float32)
-        t["encode"] += _ms(t0)
-
-        t0 = time.perf_counter()
-        if boxes is None:
-            per_image = self.detect(images, emb, frames, cache, raw=raw)
-        else:
-            given = [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4)) for b in boxes]
-            per_image = [(b, torch.ones(len(b))) for b in given]
-        counts = [len(b) for b, _ in per_image]
-        idx = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)], dtype=torch.long, device=dev)
-        boxes_orig = torch.cat([b for b, _ in per_image]) if sum(counts) else torch.zeros(0, 4)
-        scores = torch.cat([s for _, s in per_image]) if sum(counts) else torch.zeros(0)
-        t["detect"] += _ms(t0)
-
-        n = len(idx)
-        k_pts = 8 if self.options.prompts in ("curriculum", "points", "box+points") else 0
-        coarse = final = None
-        points_orig = torch.zeros(n, k_pts, 2)
-        point_scores = torch.zeros(n, k_pts)
-        iou = torch.zeros(n, 1)
-        if n:
-            inst_emb = emb[idx]
-            sam_boxes = self._to_frame(boxes_orig, idx, frames, self.sam_cfg, boxes=True).to(dev)
-            prompts = self.options.prompts
-            if prompts in ("box", "box+mask", "curriculum"):
-                t0 = time.perf_counter()
-                coarse, iou = self.engine.decode("box", inst_emb, boxes=sam_boxes)
-                t["box"] += _ms(t0)
-            point_prompt = None
-            if k_pts:
-                t0 = time.perf_counter()
-                if points is None:
-                    points_orig, point_scores = self.keypoints(images, boxes_orig, idx, emb, frames, cache)
-                else:
-                    given_pts = [torch.as_tensor(p, dtype=torch.float32).reshape(-1, 8, 2) for p in points]
-                    points_orig = torch.cat(given_pts)
-                    point_scores = torch.ones(points_orig.shape[:2])
-                label = 1 if prompts == "points" else self.edge_label
-                pts = self._to_frame(points_orig, idx, frames, self.sam_cfg).to(dev)
-                point_prompt = (pts, torch.full(pts.shape[:2], label, dtype=torch.int64, device=dev))
-                t["keypoints"] += _ms(t0)
-            if prompts == "box":
-                final = coarse
-            else:
-                t0 = time.perf_counter()
-                final, iou = self.engine.decode(
-                    "refine",
-                    inst_emb,
-                    points=point_prompt,
-                    boxes=sam_boxes if prompts in ("box+points", "box+mask") else None,
-                    mask_input=coarse,
-                )
-                t["refine"] += _ms(t0)
-
-        t0 = time.perf_counter()
-        results = []
-        start = 0
-        for i, fr in enumerate(frames):
-            sl = slice(start, start + counts[i])
-            start += counts[i]
-            h, w = fr.original_size
-            if counts[i]:
-                fin = final[sl].float()
-                masks = (postprocess_masks(fin, fr) > 0).cpu().numpy()
-                low = fin.cpu().numpy()
-                if coarse is None:
-                    coarse_mask, co_np = np.zeros((h, w), bool), np.zeros_like(low)
-                else:
-                    co = coarse[sl].float()
-                    coarse_mask = (postprocess_masks(co, fr) > 0).any(0).cpu().numpy()
-                    co_np = co.cpu().numpy()
-            else:
-                masks = np.zeros((0, h, w), bool)
-                coarse_mask = np.zeros((h, w), bool)
-                low = co_np = np.zeros((0, 1, 1, 1), np.float32)
-            results.append(
-                ImageResult(
-                    original_size=(h, w),
-                    boxes=boxes_orig[sl].cpu().numpy(),
-                    scores=scores[sl].cpu().numpy(),
-                    points=points_orig[sl].cpu().numpy(),
-                    point_scores=point_scores[sl].cpu().numpy(),
-                    iou_predictions=iou[sl, 0].float().cpu().numpy(),
-                    masks=masks,
-                    mask=masks.any(0) if len(masks) else np.zeros((h, w), bool),
-                    coarse_mask=coarse_mask,
-                    low_res_logits=low,
-                    coarse_logits=co_np,
-                )
-            )
-        t["postprocess"] += _ms(t0)
-        per_image_t = {k: round(v / len(images), 3) for k, v in t.items()}
+        dt = stage_timers(self.device)
+        with dt["preprocess"]:
+            batch = self._preprocess(images, boxes is None, points is None, embeddings is None)
+        with dt["encode"]:
+            emb = self._encode(batch, embeddings)
+        with dt["detect"]:
+            inst = self._detect(batch, emb) if boxes is None else self._given_boxes(boxes)
+        with dt["box"]:
+            passes = self._coarse_pass(batch, emb, inst)
+        with dt["keypoints"]:
+            self._edge_points(batch, emb, inst, passes, points)
+        with dt["refine"]:
+            self._refine_pass(batch, emb, inst, passes)
+        with dt["postprocess"]:
+            results = self._postprocess(batch, inst, passes)
+        per_image = {s: round(t.ms / len(images), 3) for s, t in dt.items()}
         for r in results:
-            r.timings_ms = dict(per_image_t)
+            r.timings_ms = dict(per_image)
         return results
 
-    def _to_frame(
-        self, xy: torch.Tensor, idx: torch.Tensor, frames: list[Frame], cfg: PreprocessConfig, boxes: bool = False
-    ) -> torch.Tensor:
-        """Original pixels -> the input frame of ``cfg`` for each instance's image."""
-        out = []
-        for j, i in enumerate(idx.tolist()):
-            fr = frames[i]
-            if fr.image_size != cfg.image_size:
-                fr = Frame.for_image(fr.original_size, cfg.image_size)
-            a = xy[j].cpu().numpy()
-            out.append(fr.boxes_to_input(a)[0] if boxes else fr.coords_to_input(a))
-        return torch.as_tensor(np.stack(out), dtype=torch.float32) if out else torch.zeros((0, *xy.shape[1:]))
+    # -- public stages, for evaluation, training and benchmarks --------------------------------------
+    @torch.no_grad()
+    def detect(self, images: list[np.ndarray], *, embeddings: torch.Tensor | None = None
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image (Kx4 boxes in input pixels, K scores; on the CPU) after threshold, NMS and
+        top-K. ``embeddings`` (BxCxhxw, for a detector that reads them): default the encoder's."""
+        batch = Batch(images, self.device)
+        if embeddings is None and self._detector_reads_embedding:
+            embeddings = self._encode(batch, None)
+        inst = self._detect(batch, embeddings)
+        return list(zip(inst.boxes.cpu().split(inst.counts), inst.scores.cpu().split(inst.counts)))
 
+    @torch.no_grad()
     def keypoints(
-        self,
-        images: list[np.ndarray],
-        boxes_orig: torch.Tensor,
-        idx: torch.Tensor,
-        emb: torch.Tensor,
-        frames: list[Frame],
-        cache: dict | None = None,
+        self, images: list[np.ndarray], boxes: torch.Tensor, *, image_index: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-down edge points (Nx8x2 original pixels, Nx8 confidences) for N instances, where
-        ``idx`` gives each instance's image."""
-        cache = {} if cache is None else cache
+        """Edge points (Nx8x2 input pixels, Nx8 confidences; on the CPU) of N boxes (Nx4 input
+        pixels). ``image_index`` (N) gives each box's image (default: all in the first);
+        ``embeddings`` (BxCxhxw, for a keypoint net that reads them): default the encoder's."""
+        batch = Batch(images, self.device)
+        boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
+        if image_index is None:
+            image_index = torch.zeros(len(boxes), dtype=torch.long)
+        if embeddings is None and self.bundle.keypoints.reads != "image":
+            embeddings = self._encode(batch, None)
+        points, scores = self._keypoints(batch, embeddings, boxes, image_index.to(self.device))
+        return points.cpu(), scores.cpu()
+
+    # -- stages -------------------------------------------------------------------------------------
+    @property
+    def _detector_reads_embedding(self) -> bool:
+        return self.bundle.detector.reads != "image"
+
+    def _preprocess(self, images: list[np.ndarray], detect: bool, keypoints: bool, encode: bool) -> Batch:
+        """The batch with every model input this run reads."""
+        batch = Batch(images, self.device)
+        if encode:
+            batch.inputs(self.sam_cfg)
+        if detect and not self._detector_reads_embedding:
+            batch.inputs(self.det_cfg)
+        if keypoints and self.prompt_mode.points and self.bundle.keypoints.reads == "image":
+            batch.inputs(self.kp_cfg)
+        return batch
+
+    def _encode(self, batch: Batch, embeddings: torch.Tensor | None) -> torch.Tensor:
+        if embeddings is not None:
+            return embeddings.to(self.device, torch.float32)
+        return self.engine.encode(batch.inputs(self.sam_cfg))
+
+    def _detect(self, batch: Batch, emb: torch.Tensor | None) -> Instances:
+        """The detector, its decode back to input pixels, then :meth:`_select` per image."""
+        if self._detector_reads_embedding:
+            x, cfg = emb, self.sam_cfg
+        else:
+            x, cfg = batch.inputs(self.det_cfg), self.det_cfg
+        raw = self.engine.detect(x)
+        self.engine.join()
+        spec = self.bundle.detector
+        found = Instances.gather(decode_detections(spec.arch, raw, spec.config), self.device)
+        boxes = batch.resize(cfg)[found.image].boxes_to_image(found.boxes)
+        per_image = zip(boxes.split(found.counts), found.scores.float().split(found.counts))
+        return Instances.gather([self._select(b, s) for b, s in per_image], self.device)
+
+    def _select(self, boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NMS, then the score threshold (but at least ``min_instances`` of the best), then
+        top-1 or at most K instances."""
+        if len(boxes):
+            keep = nms(boxes.float(), scores.float(), self.nms_iou)
+            boxes, scores = boxes[keep], scores[keep]
+        passed = int((scores >= self.score_threshold).sum())
+        k = min(max(passed, self.min_instances), 1 if self.mode == "top1" else self.max_instances)
+        return boxes[:k], scores[:k]
+
+    def _given_boxes(self, boxes: list[np.ndarray]) -> Instances:
+        given = [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4)) for b in boxes]
+        return Instances.gather([(b, torch.ones(len(b))) for b in given], self.device)
+
+    def _coarse_pass(self, batch: Batch, emb: torch.Tensor, inst: Instances) -> Passes:
+        """The box head on each box, when the mode runs it; sets up the passes' outputs."""
+        k = EDGE_POINTS if self.prompt_mode.points else 0
+        n = len(inst)
+        passes = Passes(torch.zeros(n, k, 2, device=self.device), torch.zeros(n, k, device=self.device),
+                        torch.zeros(n, 1, device=self.device))
+        if n and self.prompt_mode.coarse:
+            passes.coarse, passes.iou = self.engine.decode("box", emb[inst.image], boxes=self._sam_boxes(batch, inst))
+            passes.final = passes.coarse
+        return passes
+
+    def _edge_points(self, batch: Batch, emb: torch.Tensor, inst: Instances, passes: Passes,
+                     given: list[np.ndarray] | None) -> None:
+        """The keypoint net's points on each box (or the ``given`` ones), when the mode uses them."""
+        if not (len(inst) and self.prompt_mode.points):
+            return
+        if given is None:
+            passes.points, passes.point_scores = self._keypoints(batch, emb, inst.boxes, inst.image)
+        else:
+            pts = torch.cat([torch.as_tensor(p, dtype=torch.float32).reshape(-1, EDGE_POINTS, 2) for p in given])
+            passes.points, passes.point_scores = pts.to(self.device), torch.ones(pts.shape[:2], device=self.device)
+
+    def _keypoints(self, batch: Batch, emb: torch.Tensor | None, boxes: torch.Tensor, image: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-down edge points on RoI crops of the keypoint net's features, in input pixels."""
         spec = self.bundle.keypoints
         if spec.reads == "image":
-            feats, kp_frames = self._inputs(images, self.kp_cfg, cache)
+            feats, feats_cfg = batch.inputs(self.kp_cfg), self.kp_cfg
         else:
-            feats, kp_frames = emb, frames
-        kp_boxes = self._to_frame(boxes_orig, idx, kp_frames, self.kp_cfg, boxes=True)
+            feats, feats_cfg = emb, self.sam_cfg
         margin = float(spec.config.get("margin", 0.15))
-        crops = expand_boxes(kp_boxes, margin)
-        rois = torch.cat([idx.float().cpu()[:, None], crops], dim=1)
-        heat = self.engine.keypoints(feats, rois.to(self.engine.device))
-        pts, conf = decode_heatmaps(heat.cpu(), crops)
-        orig = []
-        for j, i in enumerate(idx.tolist()):
-            orig.append(kp_frames[i].coords_to_original(pts[j].numpy()))
-        return torch.as_tensor(np.stack(orig), dtype=torch.float32), conf
+        crops = expand_boxes(batch.resize(self.kp_cfg)[image].boxes_to_model(boxes), margin)
+        rois = torch.cat([image.to(crops.device, torch.float32)[:, None], crops], dim=1)
+        heat = self.engine.keypoints(feats, rois.to(self.device))
+        pts, conf = decode_heatmaps(heat, crops.to(heat.device))
+        return batch.resize(feats_cfg)[image].points_to_image(pts.to(self.device)), conf.to(self.device)
+
+    def _refine_pass(self, batch: Batch, emb: torch.Tensor, inst: Instances, passes: Passes) -> None:
+        """The refine head on the mode's prompts, when the mode runs it."""
+        prompts = self.prompt_mode.refine
+        if not (len(inst) and prompts):
+            return
+        point_prompt = None
+        if "points" in prompts:
+            pts = batch.resize(self.sam_cfg)[inst.image].points_to_model(passes.points)
+            label = 1 if self.prompt_mode.positive_points else self.edge_label
+            point_prompt = (pts, torch.full(pts.shape[:2], label, dtype=torch.int64, device=self.device))
+        passes.final, passes.iou = self.engine.decode(
+            "refine", emb[inst.image], points=point_prompt,
+            boxes=self._sam_boxes(batch, inst) if "box" in prompts else None,
+            mask_input=passes.coarse if "mask" in prompts else None,
+        )
+
+    def _sam_boxes(self, batch: Batch, inst: Instances) -> torch.Tensor:
+        return batch.resize(self.sam_cfg)[inst.image].boxes_to_model(inst.boxes)
+
+    def _postprocess(self, batch: Batch, inst: Instances, passes: Passes) -> list[ImageResult]:
+        """Masks at each image's size, and every per-instance output as numpy."""
+        fields = {"boxes": inst.boxes, "scores": inst.scores, "points": passes.points,
+                  "point_scores": passes.point_scores, "iou_predictions": passes.iou[:, 0]}
+        per_image = {k: np.split(_numpy(v), np.cumsum(inst.counts)[:-1]) for k, v in fields.items()}
+        final = passes.final.split(inst.counts) if passes.final is not None else [None] * len(batch)
+        coarse = passes.coarse.split(inst.counts) if passes.coarse is not None else [None] * len(batch)
+        return [
+            ImageResult(**_masks(geo, fin, co), **{k: v[i] for k, v in per_image.items()})
+            for i, (geo, fin, co) in enumerate(zip(batch.geometry(self.sam_cfg), final, coarse))
+        ]
+
+
+def _masks(geo: Frame, final: torch.Tensor | None, coarse: torch.Tensor | None) -> dict:
+    """One image's mask fields of :class:`ImageResult` from its final and coarse low-res logits."""
+    h, w = geo.original_size
+    if final is None or not len(final):
+        empty = np.zeros((0, 1, 1, 1), np.float32)
+        return dict(original_size=(h, w), masks=np.zeros((0, h, w), bool), mask=np.zeros((h, w), bool),
+                    coarse_mask=np.zeros((h, w), bool), low_res_logits=empty, coarse_logits=empty)
+    masks = (postprocess_masks(final.float(), geo) > 0).cpu().numpy()
+    low = _numpy(final)
+    if coarse is None:
+        coarse_mask, coarse_low = np.zeros((h, w), bool), np.zeros_like(low)
+    else:
+        coarse_mask = (postprocess_masks(coarse.float(), geo) > 0).any(0).cpu().numpy()
+        coarse_low = _numpy(coarse)
+    return dict(original_size=(h, w), masks=masks, mask=masks.any(0), coarse_mask=coarse_mask,
+                low_res_logits=low, coarse_logits=coarse_low)

@@ -63,7 +63,7 @@ def load_records(run_dir: str | Path) -> tuple[list[dict], list[str]]:
         raise FileNotFoundError(
             f"{Path(run_dir) / RESULTS_FILE} not found; run cp-deploy batch --output {run_dir} first"
         )
-    return [journal.records[p] for p in sorted(journal.records)], list(journal.bad_lines)
+    return list(journal.full_records()), list(journal.bad_lines)
 
 
 def run_file(run_dir: Path, name: object) -> Path | None:

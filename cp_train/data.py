@@ -24,6 +24,9 @@ class DataError(RuntimeError):
     """A dataset or split that cannot be trained on; the message names the file and the fix."""
 
 
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "curriculum-prompting"
+
+
 def read_split(path: str | Path) -> list[str]:
     """Names (without extension), one per line; blank lines and ``#`` comments ignored.
 
@@ -107,6 +110,38 @@ def load_samples(
     return out
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """What a stage trains and validates on: the ``images/`` + ``masks/`` folder, the split file of
+    training names, how validation is carved from it, and where embeddings are cached."""
+
+    root: Path
+    split: Path
+    val_fraction: float = 0.1
+    val_seed: int = 0  # seed of the carve alone, so members trained with other seeds share it
+    max_images: int = 0  # train on at most this many of the carved training names (0: all)
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    progress: bool = True
+
+    def names(self) -> tuple[list[str], list[str]]:
+        """(training names, validation names), the validation ones carved from the split."""
+        train, val = carve_validation(read_split(self.split), self.val_fraction, self.val_seed)
+        return (train[: self.max_images] if self.max_images else train), val
+
+    def check(self) -> None:
+        """Refuse a split, folder or carve that cannot be trained on, before any model is built."""
+        names = read_split(self.split)
+        check_dataset(self.root, names, self.split)
+        train, _ = carve_validation(names, self.val_fraction, self.val_seed)
+        if not train:
+            raise DataError(f"{self.split}: its {len(names)} name(s) all go to validation (--val-fraction "
+                            f"{self.val_fraction}); list more images or lower --val-fraction")
+
+    def load(self, names: list[str], max_side: int | None = None) -> list[Sample]:
+        """The samples of ``names`` (see :func:`load_samples`)."""
+        return load_samples(self.root, names, max_side=max_side, progress=self.progress)
+
+
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Photometric and geometric augmentation aimed at other hospitals' images: flips, 90-degree
     turns, scale/shift crops, colour, contrast, gamma and blur. Targets are derived afterwards
@@ -145,9 +180,6 @@ def encoder_id(bundle: Bundle) -> str:
     """Identifies the frozen encoder and its preprocessing, so a cache never mixes encoders."""
     key = json.dumps([bundle.sam_arch, bundle.sam.sha256, bundle.preprocess.to_dict()], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "curriculum-prompting"
 
 
 class EmbeddingCache:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cp_deploy.bundle import Bundle
+from cp_deploy.bundle import Bundle, load_bundle, update_spec
 from cp_deploy.engines.torch import TorchEngine
+from cp_deploy.io import discover_images, read_image, read_mask
 from cp_deploy.metrics import dice, iou
-from cp_deploy.models.build import Models
+from cp_deploy.models.build import Models, build_models
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 from cp_train.data import Sample
 from cp_train.targets import mask_instances
@@ -83,7 +83,7 @@ def evaluate_boxes(bundle: Bundle, detector: torch.nn.Module, samples: list[Samp
     dices = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        for s, (boxes, _) in zip(chunk, pipe.detect([s.image for s in chunk], None, [])):
+        for s, (boxes, _) in zip(chunk, pipe.detect([s.image for s in chunk])):
             gt = np.array([x.box for x in mask_instances(s.mask)]).reshape(-1, 4)
             dices.append(dice(box_mask(boxes.numpy(), s.mask.shape), box_mask(gt, s.mask.shape)))
     return {"mDice": float(np.mean(dices))}
@@ -91,9 +91,6 @@ def evaluate_boxes(bundle: Bundle, detector: torch.nn.Module, samples: list[Samp
 
 def score_folder(bundle: Bundle, folder: str | Path, options: PipelineOptions | None = None) -> dict:
     """mDice / mIoU of ``bundle`` on ``folder``/images against ``folder``/masks (matched by stem)."""
-    from cp_deploy.io import discover_images, read_image, read_mask
-    from cp_deploy.models.build import build_models
-
     folder = Path(folder)
     masks = {p.with_suffix("").as_posix(): folder / "masks" / p for p in discover_images(folder / "masks")}
     samples = [
@@ -105,21 +102,9 @@ def score_folder(bundle: Bundle, folder: str | Path, options: PipelineOptions | 
 
 def record_examples(bundle_dir: str | Path, folder: str | Path) -> dict:
     """Score the curriculum on ``folder`` and record it in the bundle's metadata (bundle.json)."""
-    from cp_deploy.bundle import load_bundle
-    from cp_train.bundle_io import update_spec
-
     bundle = load_bundle(bundle_dir)
     scores = score_folder(bundle, folder)
     rounded = {k: round(v, 4) for k, v in scores.items()}
     update_spec(bundle.root, "metadata", {"examples": {"prompts": "curriculum", **rounded}})
     return scores
 
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Record a bundle's curriculum mDice on an images/ + masks/ folder.")
-    ap.add_argument("--bundle", required=True, help="bundle directory to update")
-    ap.add_argument("--examples", default="examples", help="folder with images/ and masks/")
-    a = ap.parse_args()
-    print(json.dumps(record_examples(a.bundle, a.examples)))

@@ -38,6 +38,7 @@ from cp_deploy.bundle import Bundle
 from cp_deploy.engines.manifest import GRAPHS, MANIFEST_FILE, TensorSpec, bundle_sources
 from cp_deploy.io import atomic_write_bytes
 from cp_deploy.models.build import Models
+from cp_deploy.models.registry import detector_family
 from cp_deploy.models.weights import sha256_file
 from export.precision import HalfPrecision, fp32_normalisation
 
@@ -48,12 +49,12 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 
 class DetectorGraph(nn.Module):
-    """The detector with its dict of raw tensors as outputs, in its ``output_names`` order."""
+    """The detector with its dict of raw tensors as outputs, in its family's ``output_names`` order."""
 
-    def __init__(self, detector: nn.Module) -> None:
+    def __init__(self, detector: nn.Module, output_names: tuple[str, ...]) -> None:
         super().__init__()
         self.detector = detector
-        self.output_names = tuple(detector.output_names)
+        self.output_names = tuple(output_names)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.detector(x)
@@ -116,13 +117,13 @@ def sample_inputs(bundle: Bundle, models: Models, batch: int = 2, instances: int
 PRECISIONS = ("fp32", "fp16")
 
 
-def graph_modules(models: Models, precision: str = "fp32") -> dict[str, nn.Module]:
+def graph_modules(bundle: Bundle, models: Models, precision: str = "fp32") -> dict[str, nn.Module]:
     """The module each graph is traced from. In fp16 every graph but the keypoint net (RoIAlign has
     no fp16 kernel everywhere; HRNet-W32 stays fp32 too) becomes :class:`HalfPrecision`; trace it
     inside :func:`fp32_normalisation`."""
     modules = {
         "encoder": models.image_encoder,
-        "detector": DetectorGraph(models.detector),
+        "detector": DetectorGraph(models.detector, detector_family(bundle.detector.arch).output_names),
         "keypoints": models.keypoints,
         "box": DecoderGraph(models.box),
         "refine": DecoderGraph(models.refine),
@@ -140,9 +141,9 @@ FIXED_OUTPUTS = {
 }
 
 
-def graph_outputs(models: Models) -> dict[str, list[str]]:
-    """Output names of every graph; the detector declares its own (``output_names``)."""
-    return {**FIXED_OUTPUTS, "detector": list(models.detector.output_names)}
+def graph_outputs(bundle: Bundle) -> dict[str, list[str]]:
+    """Output names of every graph; the detector's are its family's ``output_names``."""
+    return {**FIXED_OUTPUTS, "detector": list(detector_family(bundle.detector.arch).output_names)}
 
 
 def _dynamic_axes(name: str, inputs: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, dict[int, str]]:
@@ -217,8 +218,8 @@ def export_onnx(bundle: Bundle, models: Models, out: str | Path, opset: int = OP
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     inputs = sample_inputs(bundle, models)
-    modules = graph_modules(models, precision)
-    outputs = graph_outputs(models)
+    modules = graph_modules(bundle, models, precision)
+    outputs = graph_outputs(bundle)
     graphs = {}
     for name in GRAPHS:
         t0 = time.perf_counter()

@@ -136,7 +136,7 @@ def check_parity(
     if random_inputs is not None and run_graph is not None:
         from export.onnx import graph_modules
 
-        modules = graph_modules(models)  # the fp32 reference, whatever the engine's precision
+        modules = graph_modules(bundle, models)  # the fp32 reference, whatever the engine's precision
         for graph, feeds in random_inputs.items():
             dev = next(modules[graph].parameters()).device
             with torch.no_grad():

@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 
 from cp_deploy.models.build import init_bundle
+from cp_deploy.models.registry import keypoint_family
 
 # Never reach the Hugging Face hub (read by huggingface_hub when it is first imported).
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# The top-down keypoint net at its smallest: HRNet-W18-small on 64-pixel crops.
+TOPDOWN_TINY = keypoint_family("topdown_heatmap").default_config(backbone="hrnet_w18_small", crop_size=64,
+                                                                 head_channels=32)
 
 # The random tiny detector scores around 0.1; a low threshold makes it yield instances.
 TINY_PROMPT = {"score_threshold": 0.05, "max_instances": 3}
@@ -81,7 +86,7 @@ TINY_GDINO = {
 
 
 def write_tiny_vocab(path: Path) -> Path:
-    from cp_deploy.models.grounding_dino import write_synthetic_vocab
+    from cp_deploy.models.families.grounding_dino import write_synthetic_vocab
 
     return write_synthetic_vocab(path, TINY_GDINO["text_config"]["vocab_size"])
 
@@ -89,10 +94,33 @@ def write_tiny_vocab(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def gdino_bundle(tmp_path_factory):
     """The paper's two models, tiny and seeded random: the tiny SAM with Grounding DINO as detector
-    and HRNet (w18-small) as keypoint net; threshold 0 and 3 instances, so every image yields 3."""
-    from cp_deploy.models.build import hrnet_keypoint_config
-
+    and the top-down net on HRNet-W18-small as keypoint net; threshold 0 and 3 instances, so every image yields 3."""
     pytest.importorskip("transformers", reason="the gdino extra is not installed: pip install '.[gdino]'")
     return init_bundle(tmp_path_factory.mktemp("gdino"), "tiny", seed=0, gdino=TINY_GDINO, detector_size=GDINO_SIZE,
-                       keypoints=("hrnet", hrnet_keypoint_config("hrnet_w18_small", crop_size=64, head_channels=32)),
+                       keypoints=("topdown_heatmap", TOPDOWN_TINY),
                        prompt={"text": "polyp", "score_threshold": 0.0, "max_instances": 3})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Twelve small images, one bright ellipse (the lesion) each, with masks and train.txt."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(12):
+        h, w = int(rng.integers(70, 110)), int(rng.integers(70, 110))
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:] = rng.integers(20, 80, 3)
+        mask = np.zeros((h, w), np.uint8)
+        c = (int(rng.integers(25, w - 25)), int(rng.integers(25, h - 25)))
+        axes = (int(rng.integers(8, 20)), int(rng.integers(8, 20)))
+        cv2.ellipse(mask, c, axes, float(rng.integers(0, 180)), 0, 360, 255, -1)
+        img[mask > 0] = rng.integers(150, 255, 3)
+        name = f"s{i:02d}"
+        cv2.imwrite(str(root / "images" / f"{name}.png"), img)
+        cv2.imwrite(str(root / "masks" / f"{name}.png"), mask)
+        names.append(name)
+    (root / "train.txt").write_text("\n".join(names) + "\n")
+    return root

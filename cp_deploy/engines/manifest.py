@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cp_deploy.bundle import Bundle
+from cp_deploy.models.registry import detector_family
 from cp_deploy.models.weights import sha256_file
 
 MANIFEST_FILE = "manifest.json"
@@ -40,12 +41,10 @@ class TensorSpec:
 def bundle_sources(bundle: Bundle) -> dict[str, str | None]:
     """sha256 of each weight file the graphs are built from (``None``: base weights of a pip
     package, hash-checked when loaded), and the text prompt where the detector's graph holds it."""
-    from cp_deploy.models.detector import TEXT_PROMPTED
-
     refs = {"sam": bundle.sam, "box": bundle.box_head, "refine": bundle.refine_head,
             "detector": bundle.detector, "keypoints": bundle.keypoints}
     out = {k: r.sha256 or (sha256_file(r.file) if r.file is not None else None) for k, r in refs.items()}
-    if bundle.detector.arch in TEXT_PROMPTED:
+    if detector_family(bundle.detector.arch).text_prompted:
         # The prompt's features are constants of the detector graph: another text needs a new export.
         out["prompt.text"] = bundle.prompt.text
     return out

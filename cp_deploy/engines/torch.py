@@ -4,10 +4,10 @@
 keeps LayerNorm and softmax in fp32 (SAM's LayerNorm overflows in fp16); the detector, keypoint
 net and decoders stay fp32, since their thresholds decide instances and mask borders and they
 cost little. Outputs are fp32 either way. ``sdpa`` (default: on CUDA)
-swaps SAM ViT attention for the equivalent SDPA form (same parameters). On CUDA, a detector that reads the
-image runs on a side stream, overlapping the encoder: the pipeline calls ``detect`` before
-``encode`` for such detectors, then ``join``, which makes the main stream wait for the side stream
-on the GPU (no ``synchronize``).
+swaps SAM ViT attention for the equivalent SDPA form (same parameters). On CUDA, ``detect`` runs on a
+side stream, so a caller that queues an image-reading detector before ``encode`` overlaps the two;
+``join`` makes the main stream wait for the side stream on the GPU (no ``synchronize``). The
+pipeline does not: its stage timers synchronise the device, so each stage's time is its own.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from cp_deploy.bundle import BUNDLE_FILE, Bundle, PromptSettings, load_bundle
+from cp_deploy.engines import create_engine
 from cp_deploy.engines.manifest import MANIFEST_FILE
 from cp_deploy.io import InputError
 from cp_deploy.models.weights import sha256_file
@@ -54,8 +57,6 @@ def check_device(device: str, engine: str, count_gpus: bool = True) -> None:
         raise InputError(f"--device {device}: not a device; pass cpu, cuda or cuda:N")
     if not count_gpus or (device == "cpu" and engine != "trt"):
         return
-    import torch
-
     n = torch.cuda.device_count()
     index = int(device.partition(":")[2] or 0)
     if n == 0:
@@ -90,10 +91,6 @@ class PipelineFactory:
 
     def __call__(self, bundle: Bundle | None = None) -> CurriculumPipeline:
         """The pipeline; ``bundle``: this factory's bundle when the caller has loaded it already."""
-        import torch
-
-        from cp_deploy.engines import create_engine
-
         if self.threads:
             torch.set_num_threads(self.threads)
         bundle = bundle or load_bundle(self.bundle)

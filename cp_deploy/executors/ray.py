@@ -1,14 +1,16 @@
-"""Scale-out executor on Ray Data: the same decoding, pipeline and writing as the local executor,
-spread over a pool of actors on one machine or a cluster.
+"""Scale-out executor on Ray Data: the run core of the local executor, scheduled over Ray tasks
+and a pool of actors on one machine or a cluster.
 
 The driver lists the inputs (it needs the whole list for collision-free mask names and for
-``--resume``) and keeps the run journal. Decoding runs as Ray Data tasks; inference is
-``map_batches`` over an actor pool in which each actor builds the pipeline once. An actor writes
-an image's mask and overlay atomically, exactly as the local writer does, and only then returns
-the image's record; the driver appends records to the journal as they stream back. The journal
-keys records by image path, so a batch that Ray runs again after a worker died still leaves one
-line per image in ``results.jsonl``, and an image whose record never reached the driver is simply
-redone by ``--resume``. Output folders must be on a file system that every node sees.
+``--resume``) and keeps the run journal through the same :class:`Ledger`. Decoding runs as Ray
+Data tasks, one row per frame still to do (DICOM frames, NIfTI slices and TIFF pages alike), the
+first row of a file carrying its :class:`FileWork`; inference is ``map_batches`` over an actor
+pool in which each actor builds the pipeline once, writes its items' masks and overlays
+atomically and only then returns their records. Once a file's frames are all recorded, a Ray
+task writes its file-level output from the frame masks on disk and returns the file's record.
+Records are keyed by journal key, so a batch that Ray runs again after a worker died still
+leaves one line per image, and an image whose record never reached the driver is redone by
+``--resume``. Output folders must be on a file system that every node sees.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import numpy as np
 from tqdm import tqdm
 
 from cp_deploy import MissingExtraError
-from cp_deploy.executors import PipelineFactory
-from cp_deploy.executors.local import RunSummary, decode_timed, list_inputs, plan_run, segment_batch, write_outputs
-from cp_deploy.executors.output import WriteFailed, claim_output, write_run_info
+from cp_deploy.executors import PipelineFactory, core
+from cp_deploy.executors.core import FileWork, WorkItem, WriteBack
+from cp_deploy.executors.ledger import Ledger
+from cp_deploy.executors.output import WriteFailed, claim_output
+from cp_deploy.executors.records import RunSummary
 from cp_deploy.formats import ReadOptions
-from cp_deploy.io import InputError
 
 RAY_EXTRA = "pip install 'curriculum-prompting[ray]'"
+FINISH_CPUS = 0.25  # a file-level output is light next to segmentation; it must not wait for a whole CPU
 
 
 def _import_ray():
@@ -41,30 +45,41 @@ def _import_ray():
     return ray
 
 
-def _pack(image: np.ndarray) -> bytes:
+def _pack(image: np.ndarray | None) -> bytes:
     # np.save keeps dtype and any number of dimensions (uint16 greyscale next to RGB), which a
     # tensor column of one shape family would not.
+    if image is None:
+        return b""
     buf = io.BytesIO()
     np.save(buf, image, allow_pickle=False)
     return buf.getvalue()
 
 
-def _unpack(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def _unpack(data: bytes) -> np.ndarray | None:
+    return np.load(io.BytesIO(data), allow_pickle=False) if data else None
 
 
-def _decode_row(row: dict, root: str, options: ReadOptions) -> dict:
-    """A Ray Data task: decode one listed image with the local executor's decoder.
+def _row(item: WorkItem | None, work: FileWork | None) -> dict:
+    """A work item as a Ray Data row; without an item (``key`` empty) the row only carries ``work``."""
+    item = item or WorkItem("", "", None, 0.0)
+    return {"key": item.key, "mask_rel": item.mask_rel, "image": _pack(item.image), "decode_ms": item.decode_ms,
+            "source": item.source or "", "label": item.label, "failed": item.error is not None,
+            "error": item.error or "", "file": work.to_json() if work else ""}
 
-    Ray runs list ordinary image files only, but a TIFF may hold several pages; those need the
-    local executor's per-frame journal, so such a file is an error record, never cut to a page."""
-    decoded, ms = decode_timed(Path(root) / row["path"], options)
-    if not isinstance(decoded, Exception) and len(decoded.frames) > 1:
-        decoded = InputError(f"{Path(root) / row['path']}: holds {len(decoded.frames)} frames (pages); "
-                             "--executor ray segments single-frame images only: run it with --executor local")
-    failed = isinstance(decoded, Exception)
-    return {**row, "image": b"" if failed else _pack(decoded.frames[0]), "error": str(decoded) if failed else "",
-            "decode_ms": ms}
+
+def _item(row: dict) -> WorkItem:
+    return WorkItem(str(row["key"]), str(row["mask_rel"]), _unpack(row["image"]), float(row["decode_ms"]),
+                    str(row["source"]) or None, str(row["label"]), str(row["error"]) if row["failed"] else None)
+
+
+def decode_rows(row: dict, root: str, options: ReadOptions) -> list[dict]:
+    """A Ray Data task: decode one listed file into the rows of its work items; the first row
+    also carries the file's :class:`FileWork`, alone where its frames were all done before."""
+    rel = row["path"]
+    decoded, ms = core.decode_timed(Path(root) / rel, options)
+    work, items = core.work_for(rel, row["mask_rel"], decoded, ms, set(json.loads(row["done"])))
+    rows = [_row(item, work if i == 0 else None) for i, item in enumerate(items)]
+    return rows or [_row(None, work)]
 
 
 class _Segmenter:
@@ -72,21 +87,34 @@ class _Segmenter:
 
     def __init__(self, factory: PipelineFactory, root: str, out: str, overlays: bool) -> None:
         self.pipeline = factory()
-        self.root, self.out, self.overlays = Path(root), Path(out), overlays
+        self.root = Path(root)
+        self.writer = core.Writer(Path(out), overlays)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["path"]))]
-        good = [r for r in rows if not r["error"]]
-        images = [_unpack(r["image"]) for r in good]
-        results = dict(zip((r["path"] for r in good),
-                           segment_batch(self.pipeline, images, [str(self.root / r["path"]) for r in good])))
-        images_by_path = dict(zip((r["path"] for r in good), images))
-        records = [
-            write_outputs(self.out, str(r["path"]), str(r["mask_rel"]), images_by_path.get(r["path"]),
-                          results.get(r["path"], str(r["error"])), float(r["decode_ms"]), self.overlays)
-            for r in rows
-        ]
-        return {"record": np.array([json.dumps(rec, separators=(",", ":")) for rec in records], dtype=object)}
+        rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["key"]))]
+        items = [_item(r) for r in rows if r["key"]]
+        results = core.segment_items(self.pipeline, items, self.root)
+        written = iter([json.dumps(self.writer.write(item, result), separators=(",", ":"))
+                        for item, result in zip(items, results)])
+        records = [next(written) if r["key"] else "" for r in rows]  # a row that only carries its file: none
+        return {"record": np.array(records, dtype=object), "source": batch["source"], "file": batch["file"]}
+
+
+def _finish_task(root: str, out: str, options: ReadOptions, work: FileWork, records: dict[str, dict]) -> dict:
+    """A Ray task: a file's outputs from its frames' masks on disk. The file is decoded again for
+    its write-back, which holds the source's header and does not travel between nodes."""
+    write_back: WriteBack | None = None
+    if work.writes_back:
+        decoded, _ = core.decode_timed(Path(root) / work.rel, options)
+        write_back = _raising(decoded) if isinstance(decoded, Exception) else decoded.write_back
+    return core.finish_file(Path(out), work, records, {}, write_back)
+
+
+def _raising(error: Exception) -> WriteBack:
+    def write_back(masks: list[np.ndarray]) -> dict[str, tuple[str, bytes]]:
+        raise error
+
+    return write_back
 
 
 def run_folder_ray(
@@ -111,20 +139,21 @@ def run_folder_ray(
     ``factory()`` once and get ``gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs. A worker
     that dies is restarted and its batch rerun by Ray Data's actor pool, whose defaults are
     ``max_restarts=-1`` and ``max_task_retries=-1`` (this module does not pass them: Ray 2.60
-    deprecates per-call remote args). Same outputs, journal and ``resume`` as
+    deprecates per-call remote args). Same inputs, outputs, journal and ``resume`` as
     :func:`cp_deploy.executors.local.run_folder`, and the same checks and lock of the output folder
     (held by this driver).
     """
     ray = _import_ray()
     root, out = Path(input_dir).resolve(), Path(output_dir).resolve()
-    settings = factory.settings()
-    files, unreadable = list_inputs(root, medical=False)
+    read_options = read_options or ReadOptions()
+    settings = factory.settings(read_options.slice_axis)
+    files, unreadable = core.list_inputs(root)
     with claim_output(root, out, settings, resume=resume, overwrite=overwrite):
         try:
             return _run(ray, factory, root, out, files, unreadable, settings, resume, batch_size=batch_size,
                         overlays=overlays, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
                         cpus_per_worker=cpus_per_worker, address=address, progress=progress,
-                        read_options=read_options or ReadOptions())
+                        read_options=read_options)
         except OSError as e:  # the driver's journal on a full disk: one line, not a traceback
             raise WriteFailed.of(e) from e
 
@@ -134,45 +163,78 @@ def _run(ray, factory: PipelineFactory, root: Path, out: Path, files: list[Path]
          cpus_per_worker: float, address: str | None, progress: bool, read_options: ReadOptions) -> RunSummary:
     """:func:`run_folder_ray` in its claimed output folder."""
     t_start = time.perf_counter()
-    names, journal, todo = plan_run(root, out, files, unreadable, settings, resume)
-    started = bool(todo) and not ray.is_initialized()
+    plan = core.plan_run(root, out, files, unreadable, settings, resume)
+    ledger = Ledger(plan.journal, plan.skipped, len(unreadable))
+    started = bool(plan.todo) and not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=progress)
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, desc="cp-deploy[ray]")
+    bar = tqdm(total=len(plan.todo), unit="img", disable=not progress, file=sys.stderr, desc="cp-deploy[ray]")
     try:
-        if todo:
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False  # ours counts images; Ray's would interleave with it
-            items = [{"path": f.as_posix(), "mask_rel": names[f.as_posix()]} for f in todo]
-            # Several blocks per worker keep every actor busy; at most 256 images per block bound
-            # a decoding task's memory and what a retry has to redo.
-            blocks = max(min(len(items), 4 * num_workers), -(-len(items) // 256))
-            ds = (
-                ray.data.from_items(items, override_num_blocks=blocks)
-                .map(_decode_row, fn_kwargs={"root": str(root), "options": read_options})
-                .map_batches(
-                    _Segmenter,
-                    fn_constructor_kwargs={"factory": factory, "root": str(root), "out": str(out),
-                                           "overlays": overlays},
-                    batch_size=batch_size, batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=num_workers),
-                    num_gpus=gpus_per_worker or None, num_cpus=cpus_per_worker,
-                )
-            )
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                records = [json.loads(r) for r in batch["record"]]
-                journal.append(records)
-                bar.update(len(records))
-        # Counted from the journal, not the stream, in which a rerun batch may appear twice.
-        status = [journal.records.get(f.as_posix(), {}).get("status") for f in todo]
-        ok = status.count("ok")
-        failed = len(todo) - ok + len(unreadable)
+        if plan.todo:
+            _stream(ray, factory, root, out, plan, ledger, bar, batch_size=batch_size, overlays=overlays,
+                    num_workers=num_workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                    read_options=read_options)
     finally:
         bar.close()
-        journal.finalize()
+        ledger.flush()
+        plan.journal.finalize()
         if started:
             ray.shutdown()
-    summary = RunSummary(len(files) + len(unreadable), ok, failed, len(files) - len(todo),
-                         time.perf_counter() - t_start, out)
-    write_run_info(out, summary.run_info(batch_size, settings))
-    return summary
+    return ledger.summarise(out, time.perf_counter() - t_start, batch_size, settings)
+
+
+def _stream(ray, factory: PipelineFactory, root: Path, out: Path, plan: core.RunPlan, ledger: Ledger, bar: tqdm, *,
+            batch_size: int, overlays: bool, num_workers: int, gpus_per_worker: float, cpus_per_worker: float,
+            read_options: ReadOptions) -> None:
+    """Run the dataset and journal its records as they stream back; finish each complete file."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours counts images; Ray's would interleave with it
+    done_frames = plan.done_frames()
+    items = [{"path": f.as_posix(), "mask_rel": plan.names[f.as_posix()],
+              "done": json.dumps(done_frames.get(f.as_posix(), []))} for f in plan.todo]
+    # Several blocks per worker keep every actor busy; at most 256 files per block bound a
+    # decoding task's memory and what a retry has to redo.
+    blocks = max(min(len(items), 4 * num_workers), -(-len(items) // 256))
+    ds = (
+        ray.data.from_items(items, override_num_blocks=blocks)
+        .flat_map(decode_rows, fn_kwargs={"root": str(root), "options": read_options})
+        .map_batches(
+            _Segmenter,
+            fn_constructor_kwargs={"factory": factory, "root": str(root), "out": str(out), "overlays": overlays},
+            batch_size=batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=num_workers),
+            num_gpus=gpus_per_worker or None, num_cpus=cpus_per_worker,
+        )
+    )
+    finish = ray.remote(num_cpus=FINISH_CPUS)(_finish_task)
+    finishing: dict = {}  # object ref -> (file, its frame records)
+
+    def start(ready: list[FileWork]) -> None:
+        for work in ready:
+            records, _ = ledger.inputs(work)  # masks are read back from disk where the task runs
+            ref = finish.remote(str(root), str(out), read_options, work, records)
+            finishing[ref] = (work, records)
+
+    def collect(timeout: float | None) -> None:
+        refs, _ = ray.wait(list(finishing), num_returns=len(finishing), timeout=timeout)
+        for ref in refs:
+            work, records = finishing.pop(ref)
+            ledger.close(work, ray.get(ref), records)
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for record, source, file in zip(batch["record"], batch["source"], batch["file"]):
+            if file:
+                work = FileWork.from_json(file)
+                if len(work.keys()) - len(work.earlier) != 1:
+                    bar.total += len(work.keys()) - len(work.earlier) - 1
+                    bar.refresh()
+                start(ledger.open(work))
+            if record:
+                start(ledger.add(json.loads(record), str(source) or None))
+                bar.update(1)
+        if finishing:
+            collect(timeout=0)
+        ledger.flush()
+    while finishing:
+        collect(timeout=None)
+    ledger.flush()

@@ -1,1 +1,1 @@
-"""Model builders: SAM variants, the two prompt heads, the detector and the keypoint net."""
+"""The networks: SAM and its two prompt heads, and the detector and keypoint families (``registry``)."""

@@ -3,7 +3,7 @@
 segment-anything's ``Attention`` materialises ``q @ k^T``, adds the decomposed relative-position
 bias and runs softmax as three separate steps. The same arithmetic with the bias passed as
 ``attn_mask`` to SDPA lets PyTorch pick a fused kernel (about 20% faster for ViT-H in bf16 on an
-H200, issue 5). The swap changes the class of each module in place: parameters, state-dict keys
+H200). The swap changes the class of each module in place: parameters, state-dict keys
 and official checkpoints stay as they are.
 """
 

@@ -1,19 +1,26 @@
-"""Build the networks of a bundle, and write bundles (used by tests and by ``cp-train``)."""
+"""Build the networks of a bundle, and make seeded random bundles (tests, speed checks)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cp_deploy.bundle import BUNDLE_FILE, FORMAT_VERSION, Bundle, BundleError, load_bundle
-from cp_deploy.models.detector import build_detector
-from cp_deploy.models.keypoints import build_keypoint_net, keypoint_reads
+from cp_deploy.bundle import BUNDLE_FILE, Bundle, BundleError, write_bundle
+from cp_deploy.models.families.grounding_dino import write_synthetic_vocab
+from cp_deploy.models.registry import (
+    BuildContext,
+    DetectorFamily,
+    KeypointFamily,
+    build_detector,
+    build_keypoint_net,
+    detector_family,
+    keypoint_family,
+)
 from cp_deploy.models.sam import PromptHead, build_sam, default_preprocess, load_sam
-from cp_deploy.models.weights import load_strict, read_state_dict, save_state_dict, sha256_file
+from cp_deploy.models.weights import load_strict, read_state_dict
 from cp_deploy.preprocess import PreprocessConfig
 
 
@@ -28,9 +35,30 @@ class Models:
     keypoints: nn.Module
 
 
+def stage_families(bundle: Bundle) -> tuple[DetectorFamily, KeypointFamily]:
+    """The families of the bundle's detector and keypoint net; an unknown arch, or a ``reads`` that
+    is not the family's, is a one-line :class:`BundleError` naming bundle.json and the key."""
+    where = bundle.root / BUNDLE_FILE
+    families = []
+    for key, spec, lookup in (("detector", bundle.detector, detector_family),
+                              ("keypoints", bundle.keypoints, keypoint_family)):
+        try:
+            family = lookup(spec.arch)
+        except ValueError as e:
+            raise BundleError(f"{where}: '{key}.arch': {e}") from e
+        if family.reads != spec.reads:
+            raise BundleError(f"{where}: '{key}.reads' is {spec.reads!r}, but {spec.arch} reads the {family.reads}; "
+                              f"set it to {family.reads!r}")
+        families.append(family)
+    return families[0], families[1]
+
+
 def build_models(bundle: Bundle) -> Models:
     """Instantiate and strictly load every network a bundle names."""
-    sam = load_sam(bundle.sam_arch, None if bundle.sam.file is None else str(bundle.sam.file), bundle.sam.sha256)
+    stage_families(bundle)  # before SAM loads: a wrong arch fails in a moment
+    # load_bundle has checked every file's sha256; hashing a multi-GB SAM checkpoint again here
+    # would double the load time for nothing.
+    sam = load_sam(bundle.sam_arch, None if bundle.sam.file is None else str(bundle.sam.file))
     heads = {}
     for name, ref in (("box", bundle.box_head), ("refine", bundle.refine_head)):
         head = PromptHead.from_sam(sam)
@@ -38,12 +66,11 @@ def build_models(bundle: Bundle) -> Models:
             load_strict(head, read_state_dict(ref.file), source=str(ref.file))
         heads[name] = head.eval()
     stages = {}
-    for name, spec, builder in (
-        ("detector", bundle.detector, lambda a, c: build_detector(a, c, bundle.prompt.text, bundle.root)),
-        ("keypoints", bundle.keypoints, build_keypoint_net),
-    ):
+    ctx = BuildContext(prompt_text=bundle.prompt.text, root=bundle.root)
+    for name, spec, builder in (("detector", bundle.detector, build_detector),
+                                ("keypoints", bundle.keypoints, build_keypoint_net)):
         try:
-            net = builder(spec.arch, spec.config)
+            net = builder(spec.arch, spec.config, ctx)
         except (TypeError, ValueError) as e:  # a config key the constructor lacks, or a bad value
             raise BundleError(f"{bundle.root / BUNDLE_FILE}: '{name}.config' does not fit arch '{spec.arch}' "
                               f"({e}); fix or remove the key it names") from e
@@ -54,78 +81,20 @@ def build_models(bundle: Bundle) -> Models:
 
 
 def stage_entry(arch: str, config: dict, reads: str, preprocess: dict | None = None) -> dict:
+    """A detector or keypoints entry of bundle.json, without its weight file."""
     entry = {"arch": arch, "reads": reads, "config": config}
     if preprocess is not None:
         entry["preprocess"] = preprocess
     return entry
 
 
-def embedding_keypoint_config(channels: int, stride: int) -> dict:
-    """Config of the small heatmap head on a SAM embedding of ``channels`` and ``stride``."""
-    return {"in_channels": channels, "hidden": 64, "crop_size": 16, "spatial_scale": 1.0 / stride, "margin": 0.15}
-
-
-def hrnet_keypoint_config(backbone: str = "hrnet_w32", crop_size: int = 256, head_channels: int = 128) -> dict:
-    """Config of the HRNet keypoint net: 15% box margin, heatmaps of crop/4, target sigma 2 cells."""
-    return {"backbone": backbone, "crop_size": crop_size, "head_channels": head_channels, "margin": 0.15,
-            "sigma": 2.0}
-
-
-def keypoint_entry(arch: str, config: dict, image_size: int) -> dict:
-    """A keypoint net's bundle entry: ``hrnet`` reads the image, resized to ``image_size`` with
-    ImageNet mean/std (timm's HRNet weights expect them, whatever the SAM's own normalization);
-    ``embedding_heatmap`` reads the SAM embedding."""
-    if keypoint_reads(arch) == "image":
-        return stage_entry(arch, config, "image", PreprocessConfig(image_size=image_size).to_dict())
-    return stage_entry(arch, config, "embedding")
-
-
-def write_bundle(
-    out: str | Path,
-    spec: dict,
-    weights: dict[str, nn.Module | dict | None],
-    weight_dtype: torch.dtype | None = None,
-) -> Bundle:
-    """Write ``spec`` (a bundle.json without file entries) plus the given weights, then reload it.
-
-    ``weights`` maps ``sam``, ``box``, ``refine``, ``detector`` and ``keypoints`` to a module or
-    state dict to save as safetensors, or to ``None`` to keep what ``spec`` says (for example the
-    base SAM's own heads, or a checkpoint path). ``weight_dtype`` is the storage precision.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    spec = json.loads(json.dumps(spec))
-    spec["format_version"] = FORMAT_VERSION
-    for key, obj in weights.items():
-        if obj is None:
-            continue
-        fname = f"{key}.safetensors"
-        sha = save_state_dict(obj, out / fname, dtype=weight_dtype)
-        if key == "sam":
-            spec["sam"].update({"checkpoint": fname, "sha256": sha})
-        elif key in ("box", "refine"):
-            spec.setdefault("heads", {})[key] = {"file": fname, "sha256": sha}
-        else:
-            spec[key].update({"file": fname, "sha256": sha})
-    _record_hashes(out, spec)
-    tmp = out / (BUNDLE_FILE + ".tmp")
-    tmp.write_text(json.dumps(spec, indent=2) + "\n")
-    tmp.replace(out / BUNDLE_FILE)
-    return load_bundle(out)
-
-
-def _record_hashes(root: Path, spec: dict) -> None:
-    """Fill in the sha256 of every weight file ``spec`` names without one (a kept checkpoint,
-    a copied file): loading refuses weight files whose hash is not recorded."""
-    entries = [(spec.get("sam") or {}, "checkpoint")]
-    entries += [(e, "file") for e in (spec.get("heads") or {}).values() if isinstance(e, dict)]
-    entries += [(spec[k], "file") for k in ("detector", "keypoints") if isinstance(spec.get(k), dict)]
-    for entry, key in entries:
-        name = entry.get(key)
-        if isinstance(name, str) and entry.get("sha256") is None:
-            path = Path(name) if Path(name).is_absolute() else root / name
-            if path.is_file():
-                entry["sha256"] = sha256_file(path)
+def family_entry(family: DetectorFamily | KeypointFamily, config: dict, image_size: int) -> dict:
+    """A stage's bundle entry under the family's own name (never an alias): a family that reads
+    the image gets it resized to ``image_size`` with ImageNet mean/std (what timm's backbone weights
+    expect, whatever the SAM's own normalization); one that reads the SAM embedding needs none."""
+    if family.reads == "image":
+        return stage_entry(family.name, config, "image", PreprocessConfig(image_size=image_size).to_dict())
+    return stage_entry(family.name, config, "embedding")
 
 
 def embedding_shape(sam_arch: str) -> tuple[int, int]:
@@ -144,6 +113,7 @@ def init_bundle(
     gdino: dict | None = None,
     detector_size: int = 800,
     keypoints: tuple[str, dict] | None = None,
+    detector: tuple[str, dict] | None = None,
 ) -> Bundle:
     """A bundle with seeded random detector and keypoint heads on the embedding.
 
@@ -154,8 +124,9 @@ def init_bundle(
     SAM's own prompt encoder and mask decoder. With ``gdino`` (a ``GroundingDinoConfig`` as a
     dict; ``{}`` is the public Swin-T model's size) the detector is instead a seeded random
     Grounding DINO on ``detector_size`` px images, with a synthetic ``vocab.txt`` in the bundle.
-    ``keypoints`` (arch, config) replaces the default keypoint head on the embedding, e.g.
-    ``("hrnet", {"backbone": "hrnet_w18_small", ...})``.
+    ``detector`` and ``keypoints`` (arch, config) replace the default detector and keypoint head
+    on the embedding, e.g. ``keypoints=("topdown_heatmap", {"backbone": "hrnet_w18_small", ...})``;
+    a detector that reads the image gets ``detector_size`` px inputs.
     """
     torch.manual_seed(seed)
     channels, side = embedding_shape(sam_arch)
@@ -167,29 +138,25 @@ def init_bundle(
     sam_entry: dict = {"arch": sam_arch, "checkpoint": checkpoint}
     if sam_arch != "lite_medsam" and sam_checkpoint is None:  # seeded random SAM (tests, speed checks)
         weights["sam"] = build_sam(sam_arch)
-    text = {"text": "polyp", **(prompt or {})}["text"]
-    if gdino is None:
-        det_cfg = {"in_channels": channels, "hidden": 64, "stride": stride}
-        detector = build_detector("embedding_centernet", det_cfg)
-        det_entry = stage_entry("embedding_centernet", det_cfg, "embedding")
-    else:
-        from cp_deploy.models.grounding_dino import write_synthetic_vocab
-
+    ctx = BuildContext(prompt_text={"text": "polyp", **(prompt or {})}["text"], root=Path(out))
+    if gdino is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         write_synthetic_vocab(Path(out) / "vocab.txt", gdino.get("text_config", {}).get("vocab_size", 30522))
-        det_cfg = {"model_config": gdino, "tokenizer": "vocab.txt"}
-        detector = build_detector("grounding_dino", det_cfg, text, out)
-        det_pre = PreprocessConfig(image_size=detector_size, normalize="meanstd").to_dict()
-        det_entry = stage_entry("grounding_dino", det_cfg, "image", det_pre)
-    kp_arch, kp_cfg = keypoints or ("embedding_heatmap", embedding_keypoint_config(channels, stride))
-    weights.update(detector=detector, keypoints=build_keypoint_net(kp_arch, kp_cfg))
+        detector = ("grounding_dino", {"model_config": gdino, "tokenizer": "vocab.txt"})
+    det_arch, det_cfg = detector or ("embedding_centernet",
+                                     detector_family("embedding_centernet").default_config(channels=channels,
+                                                                                           stride=stride))
+    kp_arch, kp_cfg = keypoints or ("embedding_heatmap",
+                                    keypoint_family("embedding_heatmap").default_config(channels=channels,
+                                                                                        stride=stride))
+    weights.update(detector=build_detector(det_arch, det_cfg, ctx), keypoints=build_keypoint_net(kp_arch, kp_cfg, ctx))
     spec = {
         "name": name or f"{sam_arch}-random-{seed}",
         "sam": sam_entry,
         "preprocess": pre.to_dict(),
         "heads": {"box": None, "refine": None},
-        "detector": det_entry,
-        "keypoints": keypoint_entry(kp_arch, kp_cfg, pre.image_size),
+        "detector": family_entry(detector_family(det_arch), det_cfg, detector_size),
+        "keypoints": family_entry(keypoint_family(kp_arch), kp_cfg, pre.image_size),
         "prompt": {"text": "polyp", "mode": "all", "score_threshold": 0.3, "nms_iou": 0.5,
                    "max_instances": 5, "edge_label": "negative", **(prompt or {})},
         "metadata": {"trained": False, "seed": seed},

@@ -1,10 +1,10 @@
-"""The keypoint interface: top-down, 8 edge points per box, and its small heatmap implementation
-(the paper's HRNet is in ``hrnet.py``).
+"""The keypoint geometry every keypoint family shares: top-down, 8 edge points per box.
 
 Top-down means: expand the box by a margin, crop it from the features the net reads (the image
 or the SAM embedding) with RoIAlign, predict one heatmap per edge point on the crop, decode the
 peak with sub-pixel refinement, and map it back through the crop to input pixels. Cropping,
-decoding and the inverse mapping live here as functions so training targets use the same geometry.
+decoding and the inverse mapping live here as functions so training targets use the same geometry;
+the nets themselves are families (``cp_deploy.models.families``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 NUM_EDGE_POINTS = 8
 
@@ -65,37 +64,6 @@ def decode_heatmaps(heatmaps: torch.Tensor, crops: torch.Tensor) -> tuple[torch.
     return heatmap_to_image(xy, crops, w), torch.softmax(flat, dim=2).amax(dim=2)
 
 
-class EmbeddingKeypointNet(nn.Module):
-    """Heatmap head on RoIAlign crops of the SAM embedding (or of the image, via ``reads``)."""
-
-    def __init__(
-        self,
-        in_channels: int = 256,
-        hidden: int = 64,
-        crop_size: int = 16,
-        spatial_scale: float = 0.25,
-        margin: float = 0.15,
-        reads: str = "embedding",
-    ) -> None:
-        super().__init__()
-        self.reads = reads
-        self.crop_size = crop_size
-        self.spatial_scale = spatial_scale
-        self.margin = margin
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, NUM_EDGE_POINTS, 1),
-        )
-
-    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """``rois``: Nx5 (image index, x0, y0, x1, y1) crops in input pixels -> Nx8xHxW logits."""
-        crops = roi_align(features, rois, self.crop_size, self.spatial_scale, sampling_ratio=2, aligned=True)
-        return self.body(crops)
-
-
 class KeypointEnsemble(nn.Module):
     """N keypoint nets of one arch and config on the same crops, fused by averaging their heatmap
     logits (the spatial softmax of the mean is the normalised geometric mean of the members'
@@ -110,26 +78,3 @@ class KeypointEnsemble(nn.Module):
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(features, rois) for m in self.members]).mean(0)
 
-
-KEYPOINT_ARCHS = ("embedding_heatmap", "hrnet")
-
-
-def keypoint_reads(arch: str) -> str:
-    """What keypoint net ``arch`` reads: ``image`` (top-down on image crops) or ``embedding``."""
-    return "image" if arch == "hrnet" else "embedding"
-
-
-def build_keypoint_net(arch: str, config: dict) -> nn.Module:
-    """A keypoint net from its bundle entry (``arch`` and ``config``; ``members`` > 1 in the config
-    makes a :class:`KeypointEnsemble`, its weights prefixed ``members.I.``)."""
-    cfg = dict(config)
-    members = int(cfg.pop("members", 1))
-    if members > 1:
-        return KeypointEnsemble([build_keypoint_net(arch, cfg) for _ in range(members)])
-    if arch == "embedding_heatmap":
-        return EmbeddingKeypointNet(**cfg)
-    if arch == "hrnet":
-        from cp_deploy.models.hrnet import HRNetKeypointNet  # it imports this module
-
-        return HRNetKeypointNet(**cfg)
-    raise ValueError(f"unknown keypoint arch {arch!r}; known: {', '.join(KEYPOINT_ARCHS)}")

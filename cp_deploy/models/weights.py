@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from cp_deploy.io import atomic_write_bytes
 
 
 class WeightsError(RuntimeError):
@@ -17,6 +19,7 @@ class WeightsError(RuntimeError):
 
 
 def sha256_file(path: str | Path) -> str:
+    """The file's sha256 as 64 hex digits, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -97,9 +100,6 @@ def save_state_dict(module_or_state: nn.Module | dict, path: str | Path, dtype: 
         ptr = v.untyped_storage().data_ptr()
         state[k] = v.clone() if ptr in seen and v.numel() else v
         seen.add(ptr)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    tmp.chmod(0o644)
-    tmp.replace(path)
-    return sha256_file(path)
+    data = save(state)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()  # of the bytes written: no second read of the file

@@ -146,8 +146,8 @@ def predicted_points(pipeline, samples: list[Sample], targets: InstanceTargets,
         emb = embeddings[imgs].float() if embeddings is not None else None
         with torch.no_grad():
             pts, _ = pipeline.keypoints([samples[i].image for i in imgs], torch.as_tensor(boxes, dtype=torch.float32),
-                                        torch.tensor([local[targets.image[j]] for j in idx]), emb,
-                                        [targets.frames[i] for i in imgs])
+                                        image_index=torch.tensor([local[targets.image[j]] for j in idx]),
+                                        embeddings=emb)
         return pts.numpy().astype(np.float64)
 
     return source

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cp_deploy.bundle import BUNDLE_FILE, BundleError, default_bundle_path, load_bundle
+from cp_deploy.bundle import BUNDLE_FILE, BundleError, default_bundle_path, load_bundle, write_bundle
 from cp_deploy.cli import main
-from cp_deploy.models.build import build_models, init_bundle, write_bundle
+from cp_deploy.models.build import build_models, init_bundle
 from cp_deploy.models.weights import WeightsError, read_state_dict, sha256_file
 from tests.conftest import make_images
 
@@ -176,9 +176,7 @@ BAD_SPECS = [
     ("prompt.text", "", r"'prompt\.text' is ''; expected a non-empty string"),
     ("prompt.mode", "best", r"'prompt\.mode' must be 'all' or 'top1', got 'best'"),
     ("prompt.treshold", 0.3, r"unknown key\(s\) 'treshold' in 'prompt'; expected text, mode, .*remove or rename"),
-    ("detector.arch", "yolo", r"'detector\.arch' is 'yolo'; expected one of embedding_centernet, lite0_centernet"),
-    ("keypoints.arch", "vitpose", r"'keypoints\.arch' is 'vitpose'; expected one of embedding_heatmap, hrnet"),
-    ("keypoints.reads", "image", r"'keypoints\.reads' is 'image', but embedding_heatmap reads the embedding"),
+    ("keypoints.reads", "pixels", r"'keypoints\.reads' must be 'image' or 'embedding', got 'pixels'"),
     ("detector.weights", "x", r"unknown key\(s\) 'weights' in 'detector'; expected arch, reads, config"),
     ("detector.config", [], r"'detector\.config' must be an object"),
     ("sam.sha", "x", r"unknown key\(s\) 'sha' in 'sam'; expected arch, checkpoint, sha256"),
@@ -204,6 +202,28 @@ def test_bad_bundle_json_is_one_line_naming_the_key(tiny_bundle, tmp_path, capsy
         load_bundle(d)
     line = _batch_error(d, tmp_path, capsys)
     assert BUNDLE_FILE in line and key.split(".")[-1] in line
+
+
+# Which archs exist is the model registry's knowledge: checked where the networks are built.
+BAD_STAGES = [
+    ("detector.arch", "yolo", r"'detector\.arch': unknown detector arch 'yolo'; known: embedding_centernet, "
+                              r"lite0_centernet, grounding_dino"),
+    ("keypoints.arch", "vitpose", r"'keypoints\.arch': unknown keypoint arch 'vitpose'; known: embedding_heatmap, "
+                                  r"topdown_heatmap, hrnet \(= topdown_heatmap\)"),
+    ("keypoints.reads", "image", r"'keypoints\.reads' is 'image', but embedding_heatmap reads the embedding; "
+                                 r"set it to 'embedding'"),
+    ("detector.reads", "image", r"'detector\.reads' is 'image', but embedding_centernet reads the embedding"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), BAD_STAGES, ids=[f"{k}={v!r}" for k, v, _ in BAD_STAGES])
+def test_unknown_arch_or_wrong_reads_is_one_line_naming_the_key(tiny_bundle, tmp_path, capsys, key, value, expected):
+    d = _copy(tiny_bundle, tmp_path, _set(key, value))
+    bundle = load_bundle(d)
+    with pytest.raises(BundleError, match=r"bundle\.json: " + expected):
+        build_models(bundle)
+    line = _batch_error(d, tmp_path, capsys)
+    assert BUNDLE_FILE in line and key in line
 
 
 def test_metadata_stays_free_form(tiny_bundle, tmp_path):

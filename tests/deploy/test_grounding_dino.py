@@ -15,8 +15,8 @@ from tests.conftest import GDINO_SIZE, TINY_GDINO, batch_on_torch_and_onnxruntim
 pytest.importorskip("transformers", reason="the gdino extra is not installed: pip install '.[gdino]'")
 
 from cp_deploy.models.build import build_models  # noqa: E402
-from cp_deploy.models.detector import build_detector, decode_detections  # noqa: E402
-from cp_deploy.models.grounding_dino import text_masks  # noqa: E402
+from cp_deploy.models.families.grounding_dino import text_masks  # noqa: E402
+from cp_deploy.models.registry import BuildContext, build_detector, decode_detections, detector_family  # noqa: E402
 from cp_deploy.models.weights import WeightsError, load_strict, read_state_dict  # noqa: E402
 
 
@@ -28,16 +28,23 @@ def vocab(tmp_path_factory):
 def _detector(vocab, text="polyp", **over):
     torch.manual_seed(0)
     return build_detector("grounding_dino", {"model_config": {**TINY_GDINO, **over}, "tokenizer": str(vocab)},
-                          text).eval()
+                          BuildContext(prompt_text=text)).eval()
 
 
 def test_outputs_and_decode_follow_the_detector_contract(vocab):
+    family = detector_family("grounding_dino")
+    assert (family.reads, family.output_names, family.text_prompted) == ("image", ("logits", "boxes"), True)
     det = _detector(vocab, "a polyp")
-    assert det.reads == "image" and tuple(det.output_names) == ("logits", "boxes")
     x = torch.randn(2, 3, GDINO_SIZE, GDINO_SIZE)
     with torch.no_grad():
         raw = det(x)
-    assert list(raw) == list(det.output_names)
+        # The family's training loss is transformers' set loss against per-image boxes.
+        boxes = [torch.tensor([[10.0, 20.0, 60.0, 90.0]]), torch.zeros(0, 4)]
+        torch.manual_seed(0)
+        loss = family.loss(det, x, boxes)
+        torch.manual_seed(0)
+        assert torch.equal(loss, det.loss(x, boxes)) and torch.isfinite(loss)
+    assert list(raw) == list(family.output_names)
     # [CLS] a polyp . [SEP]: two phrase tokens; 10 queries
     assert raw["logits"].shape == (2, 10, 2) and raw["boxes"].shape == (2, 10, 4)
     assert torch.isfinite(raw["logits"]).all()
@@ -60,13 +67,13 @@ def test_local_weights_directory_gives_transformers_own_outputs(vocab, tmp_path)
     own forward that runs BERT on the prompt."""
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
 
-    from cp_deploy.models.grounding_dino import load_tokenizer
+    from cp_deploy.models.families.grounding_dino import load_tokenizer
 
     torch.manual_seed(1)
     hf = GroundingDinoForObjectDetection(GroundingDinoConfig(**TINY_GDINO)).eval()
     hf.save_pretrained(tmp_path / "gdino")
     load_tokenizer(vocab).save_pretrained(tmp_path / "gdino")
-    det = build_detector("grounding_dino", {"pretrained": "gdino"}, "Polyp", tmp_path).eval()
+    det = build_detector("grounding_dino", {"pretrained": "gdino"}, BuildContext("Polyp", tmp_path)).eval()
     assert det.text == "polyp."
     x = torch.randn(2, 3, GDINO_SIZE, GDINO_SIZE)
     enc = load_tokenizer(vocab)(["polyp."] * 2, return_tensors="pt")
@@ -78,7 +85,7 @@ def test_local_weights_directory_gives_transformers_own_outputs(vocab, tmp_path)
     torch.testing.assert_close(raw["boxes"], torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1),
                                atol=1e-4, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="pretrained directory not found"):
-        build_detector("grounding_dino", {"pretrained": "nowhere"}, "polyp", tmp_path)
+        build_detector("grounding_dino", {"pretrained": "nowhere"}, BuildContext("polyp", tmp_path))
 
 
 def test_text_is_encoded_once_not_per_image(vocab):
@@ -106,7 +113,7 @@ def test_text_masks_equal_transformers_own():
     """The export-friendly masks (no isin/cummax) are transformers' exactly."""
     from transformers.models.grounding_dino.modeling_grounding_dino import SPECIAL_TOKENS
 
-    import cp_deploy.models.grounding_dino as gd
+    import cp_deploy.models.families.grounding_dino as gd
 
     original = gd._modeling()[1]._original_text_masks
     special = torch.tensor(SPECIAL_TOKENS)
@@ -181,10 +188,10 @@ def test_onnx_export_bakes_the_text_and_keeps_parity(gdino_bundle, gdino_onnx):
     assert not any("text_backbone" in t.name for t in graph.graph.initializer), "BERT's weights were exported"
 
 
-def test_grounding_dino_and_hrnet_bundle_runs_on_torch_and_onnxruntime(gdino_bundle, gdino_onnx, tmp_path):
-    """The issue's done-when: detector grounding_dino and keypoints hrnet through cp-deploy batch
-    with both engines, on the CPU."""
-    assert (gdino_bundle.detector.arch, gdino_bundle.keypoints.arch) == ("grounding_dino", "hrnet")
+def test_grounding_dino_and_topdown_bundle_runs_on_torch_and_onnxruntime(gdino_bundle, gdino_onnx, tmp_path):
+    """The paper's two models, detector grounding_dino and keypoints topdown_heatmap on HRNet,
+    through cp-deploy batch with both engines, on the CPU."""
+    assert (gdino_bundle.detector.arch, gdino_bundle.keypoints.arch) == ("grounding_dino", "topdown_heatmap")
     out_t, out_o = batch_on_torch_and_onnxruntime(gdino_bundle, gdino_onnx, tmp_path, 3)
     rows_t = [json.loads(r) for r in (out_t / "results.jsonl").read_text().splitlines()]
     rows_o = [json.loads(r) for r in (out_o / "results.jsonl").read_text().splitlines()]

@@ -1,6 +1,6 @@
-"""The HRNet keypoint net (timm's ``hrnet_w18_small``, 64-pixel crops): the keypoint interface,
-strict weights, export with parity, and a bundle with ``keypoints: hrnet`` through ``cp-deploy
-batch`` on the torch and onnxruntime engines."""
+"""The top-down keypoint net on HRNet (timm's ``hrnet_w18_small``, 64-pixel crops): the keypoint
+interface, strict weights, the ``hrnet`` alias of older bundles, export with parity, and a bundle
+with ``keypoints: topdown_heatmap`` through ``cp-deploy batch`` on the torch and onnxruntime engines."""
 
 from __future__ import annotations
 
@@ -11,25 +11,27 @@ import numpy as np
 import pytest
 import torch
 
-from cp_deploy.models.build import build_models, hrnet_keypoint_config, init_bundle, write_bundle
-from cp_deploy.models.hrnet import HRNetKeypointNet, load_backbone
-from cp_deploy.models.keypoints import build_keypoint_net, decode_heatmaps
+from cp_deploy.bundle import BUNDLE_FILE, load_bundle, write_bundle
+from cp_deploy.models.build import build_models, init_bundle
+from cp_deploy.models.families.topdown_heatmap import TopDownHeatmapNet, load_backbone
+from cp_deploy.models.keypoints import decode_heatmaps
+from cp_deploy.models.registry import build_keypoint_net, keypoint_family
 from cp_deploy.models.weights import WeightsError, save_state_dict
-from tests.conftest import TINY_PROMPT, batch_on_torch_and_onnxruntime
+from tests.conftest import TINY_PROMPT, TOPDOWN_TINY, batch_on_torch_and_onnxruntime
 
-CONFIG = hrnet_keypoint_config("hrnet_w18_small", crop_size=64, head_channels=32)
+CONFIG = TOPDOWN_TINY
 
 
 @pytest.fixture(scope="module")
 def hrnet_bundle(tmp_path_factory):
     return init_bundle(tmp_path_factory.mktemp("hrnet"), "tiny", seed=0, prompt=TINY_PROMPT,
-                       keypoints=("hrnet", CONFIG))
+                       keypoints=("topdown_heatmap", CONFIG))
 
 
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    return build_keypoint_net("hrnet", CONFIG).eval()
+    return build_keypoint_net("topdown_heatmap", CONFIG).eval()
 
 
 def test_heatmaps_are_a_quarter_of_the_crop_per_instance(net):
@@ -49,11 +51,11 @@ def test_heatmaps_are_a_quarter_of_the_crop_per_instance(net):
 
 def test_crop_not_a_multiple_of_32_is_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
-        HRNetKeypointNet("hrnet_w18_small", crop_size=48)
+        TopDownHeatmapNet("hrnet_w18_small", crop_size=48)
 
 
 def test_keypoint_weights_of_another_config_name_the_keys(hrnet_bundle, tmp_path):
-    other = build_keypoint_net("hrnet", {**CONFIG, "head_channels": 16})
+    other = build_keypoint_net("topdown_heatmap", {**CONFIG, "head_channels": 16})
     shutil.copytree(hrnet_bundle.root, tmp_path / "bad")
     spec = json.loads((tmp_path / "bad" / "bundle.json").read_text())
     bad = write_bundle(tmp_path / "bad", spec, {"keypoints": other})
@@ -69,7 +71,7 @@ def test_backbone_checkpoint_loads_strictly(net, tmp_path):
     torch.manual_seed(1)
     classifier = timm.create_model("hrnet_w18_small", pretrained=False)
     torch.save(classifier.state_dict(), tmp_path / "w18.pth")
-    target = build_keypoint_net("hrnet", CONFIG)
+    target = build_keypoint_net("topdown_heatmap", CONFIG)
     load_backbone(target, tmp_path / "w18.pth")
     torch.testing.assert_close(target.backbone.conv1.weight, classifier.conv1.weight)
     state = {k: v for k, v in classifier.state_dict().items() if k != "conv1.weight"}
@@ -79,11 +81,27 @@ def test_backbone_checkpoint_loads_strictly(net, tmp_path):
         load_backbone(target, tmp_path / "renamed.safetensors")
 
 
+def test_hrnet_alias_keeps_loading_and_new_bundles_name_the_family(hrnet_bundle, tmp_path):
+    """Bundles that say ``hrnet`` (the shipped default among them) build the top-down net with the
+    same weights; the bundles the code writes name the family, never the alias."""
+    assert keypoint_family("hrnet") is keypoint_family("topdown_heatmap")
+    written = init_bundle(tmp_path / "new", "tiny", seed=0, keypoints=("hrnet", CONFIG))
+    assert written.keypoints.arch == "topdown_heatmap"
+    shutil.copytree(hrnet_bundle.root, tmp_path / "old")
+    spec = json.loads((tmp_path / "old" / BUNDLE_FILE).read_text())
+    spec["keypoints"]["arch"] = "hrnet"
+    (tmp_path / "old" / BUNDLE_FILE).write_text(json.dumps(spec))
+    old = build_models(load_bundle(tmp_path / "old")).keypoints
+    new = build_models(hrnet_bundle).keypoints
+    assert type(old) is TopDownHeatmapNet
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items())
+
+
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install '.[onnx]'")
 
 
 def test_hrnet_bundle_exports_with_parity_and_runs_on_both_engines(hrnet_bundle, tmp_path):
-    """The issue's done-when, for the keypoint half: cp-export onnx (parity checked on its graph
+    """The top-down keypoint net end to end: cp-export onnx (parity checked on its graph
     with dynamic instance counts), then cp-deploy batch with torch and onnxruntime agree."""
     from export.cli import main as export_main
 
@@ -114,8 +132,9 @@ def test_lite0_backbone_gives_quarter_heatmaps_and_imagenet_weights():
     HRNet: same interface, heatmaps at 1/4 of the crop, and the weights load into the backbone."""
     from cp_deploy.models.efficientnet import lite0_imagenet, load_lite0_features
 
-    cfg = hrnet_keypoint_config("efficientnet_lite0", crop_size=64, head_channels=32)
-    lite = build_keypoint_net("hrnet", cfg).eval()
+    cfg = keypoint_family("topdown_heatmap").default_config(backbone="efficientnet_lite0", crop_size=64,
+                                                            head_channels=32)
+    lite = build_keypoint_net("topdown_heatmap", cfg).eval()
     load_lite0_features(lite.backbone)
     imagenet = lite0_imagenet(True).state_dict()
     assert torch.equal(lite.backbone.state_dict()["blocks.3.0.conv_pw.weight"], imagenet["blocks.3.0.conv_pw.weight"])

@@ -201,15 +201,24 @@ def test_max_pixels_applies_to_nifti_from_its_header(tmp_path):
     assert "v.nii" in str(e.value) and "30000x20000" in str(e.value) and "--max-pixels" in str(e.value)
 
 
-def test_ray_decoding_refuses_several_pages_and_applies_max_pixels(tmp_path):
-    """The Ray executor's decode task: a multi-page TIFF is an error record (never cut to its
-    first page) and --max-pixels reaches it."""
-    from cp_deploy.executors.ray import _decode_row
+def test_ray_decoding_gives_a_row_per_page_and_applies_max_pixels(tmp_path):
+    """The Ray executor's decode task: a multi-page TIFF becomes one row per page, the first
+    carrying the file's work (never cut to its first page), and --max-pixels reaches it."""
+    from cp_deploy.executors.core import FileWork
+    from cp_deploy.executors.ray import decode_rows
 
     assert cv2.imwritemulti(str(tmp_path / "stack.tiff"), [np.zeros((40, 50), np.uint8)] * 3)
     cv2.imwrite(str(tmp_path / "big.png"), np.zeros((100, 100), np.uint8))
-    row = _decode_row({"path": "stack.tiff"}, str(tmp_path), ReadOptions())
-    assert row["image"] == b"" and "3 frames" in row["error"] and "--executor local" in row["error"]
-    row = _decode_row({"path": "big.png"}, str(tmp_path), ReadOptions(max_pixels=5000))
-    assert row["image"] == b"" and "--max-pixels" in row["error"]
-    assert _decode_row({"path": "big.png"}, str(tmp_path), ReadOptions())["image"]
+    rows = decode_rows({"path": "stack.tiff", "mask_rel": "stack.png", "done": '["stack.tiff#f002"]'},
+                       str(tmp_path), ReadOptions())
+    assert [(r["key"], r["mask_rel"]) for r in rows] == [("stack.tiff#f001", "stack_f001.png"),
+                                                         ("stack.tiff#f003", "stack_f003.png")]
+    assert all(r["image"] and not r["failed"] for r in rows) and rows[1]["file"] == ""
+    work = FileWork.from_json(rows[0]["file"])
+    assert work.keys() == ["stack.tiff#f001", "stack.tiff#f002", "stack.tiff#f003"]
+    assert work.earlier == ["stack.tiff#f002"] and work.info == {"format": "tiff", "pages": 3}
+    [row] = decode_rows({"path": "big.png", "mask_rel": "big.png", "done": "[]"}, str(tmp_path),
+                        ReadOptions(max_pixels=5000))
+    assert row["image"] == b"" and row["failed"] and "--max-pixels" in row["error"]
+    [row] = decode_rows({"path": "big.png", "mask_rel": "big.png", "done": "[]"}, str(tmp_path), ReadOptions())
+    assert row["image"] and row["file"] == "" and row["key"] == "big.png"

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from cp_deploy.models.detector import decode_centernet
+from cp_deploy.models.centernet import decode_centernet
 from cp_deploy.models.keypoints import decode_heatmaps, heatmap_to_image, image_to_heatmap
+from cp_deploy.models.registry import build_detector
 from cp_deploy.models.sam import build_sam
 from cp_deploy.models.weights import WeightsError, load_strict
 
@@ -36,8 +37,6 @@ def test_centernet_decoding():
 
 
 def test_centernet_ensemble_fuses_maps_and_loads_strictly():
-    from cp_deploy.models.detector import build_detector
-
     torch.manual_seed(0)
     single = build_detector("lite0_centernet", {"fpn": 16, "stride": 8}).eval()
     ens = build_detector("lite0_centernet", {"fpn": 16, "stride": 8, "members": 2}).eval()

@@ -1,15 +1,31 @@
-"""The curriculum against segment_anything's SamPredictor, batching, sizes and the encoder count."""
+"""The curriculum against segment_anything's SamPredictor, batching, sizes, the encoder count, the
+prompt-mode table, stage timers, batched coordinate transforms and the public stage methods."""
 
 from __future__ import annotations
+
+import time
+import types
 
 import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
 
+from cp_deploy.bundle import PROMPT_MODES
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.models.sam import load_sam
-from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
+from cp_deploy.pipeline import (
+    PROMPT_TABLE,
+    STAGES,
+    Batch,
+    CurriculumPipeline,
+    PipelineOptions,
+    PromptMode,
+    Resize,
+    StageTimer,
+    stage_timers,
+)
+from cp_deploy.preprocess import Frame, PreprocessConfig
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +149,143 @@ def test_given_points_replace_the_keypoint_net(tiny_bundle, engine):
     np.testing.assert_allclose(res.points, pts)
     (own,) = pipe.predict([img], boxes=[np.array([[10, 20, 60, 70]])])
     assert not np.allclose(own.points, pts)
+
+
+class _Spy:
+    """An engine that records which decoder heads run and what they are prompted with."""
+
+    def __init__(self, engine):
+        self.engine, self.device, self.heads = engine, engine.device, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def decode(self, head, embeddings, points=None, boxes=None, mask_input=None):
+        self.heads.append((head, {k for k, v in [("points", points), ("box", boxes), ("mask", mask_input)]
+                                  if v is not None}))
+        return self.engine.decode(head, embeddings, points=points, boxes=boxes, mask_input=mask_input)
+
+
+def test_the_table_has_one_row_per_prompt_mode():
+    assert set(PROMPT_TABLE) == set(PROMPT_MODES)
+
+
+@pytest.mark.parametrize("prompts", PROMPT_MODES)
+def test_each_mode_runs_the_passes_of_its_row(tiny_bundle, engine, prompts):
+    """The decoder calls are exactly the row's: the box head on the box, then the refine head on
+    the row's prompts, with the points labelled as the row says."""
+    spy = _Spy(engine)
+    row = PROMPT_TABLE[prompts]
+    (res,) = CurriculumPipeline(tiny_bundle, spy, PipelineOptions(prompts=prompts)).predict(_images()[:1])
+    expect = ([("box", {"box"})] if row.coarse else []) + ([("refine", set(row.refine))] if row.refine else [])
+    assert len(res.boxes) > 0 and spy.heads == expect
+    assert res.points.shape[1] == (8 if row.points else 0)
+
+
+def test_a_refine_pass_on_the_mask_needs_a_coarse_pass():
+    with pytest.raises(ValueError, match="coarse"):
+        PromptMode(coarse=False, refine=("mask",))
+
+
+def test_stage_timer_synchronises_cuda_before_each_clock_read(monkeypatch):
+    """On CUDA, kernels finish inside the stage that queued them; the CPU never synchronises."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    gpu = types.SimpleNamespace(type="cuda")
+    timer = StageTimer(gpu)
+    with timer:
+        assert calls == [gpu]  # work queued before the stage is not charged to it
+    assert calls == [gpu, gpu]
+    with timer:
+        pass
+    assert len(calls) == 4 and timer.ms > 0
+    calls.clear()
+    with StageTimer(torch.device("cpu")):
+        pass
+    assert calls == []
+
+
+def test_stage_timer_accumulates_its_blocks():
+    timer = StageTimer(torch.device("cpu"))
+    for _ in range(2):
+        with timer:
+            time.sleep(0.01)
+    assert 20 <= timer.ms < 1000
+    assert set(stage_timers(torch.device("cpu"))) == set(STAGES)
+
+
+def test_batched_transforms_equal_the_per_instance_ones():
+    """Resize maps a whole batch exactly as Frame maps one instance at a time (same float64
+    arithmetic, so the float32 results are identical)."""
+    rng = np.random.default_rng(0)
+    sizes = [(546, 626), (131, 77), (1080, 1920), (64, 64)]
+    geometry = [Frame.for_image(s, 256) for s in sizes]
+    image = torch.as_tensor(rng.integers(0, len(sizes), 40))
+    xy = rng.uniform(-20, 2000, (40, 2, 2)).astype(np.float32)
+    boxes = torch.as_tensor(np.concatenate([xy.min(1), xy.max(1)], 1))
+    points = torch.as_tensor(rng.uniform(-20, 2000, (40, 8, 2)).astype(np.float32))
+    r = Resize.of(geometry)[image]
+    per = [geometry[i] for i in image.tolist()]
+
+    def each(f, x):
+        return np.stack([f(g, a) for g, a in zip(per, x.numpy())]).astype(np.float32)
+
+    np.testing.assert_array_equal(r.boxes_to_model(boxes).numpy(), each(lambda g, b: g.boxes_to_input(b)[0], boxes))
+    np.testing.assert_array_equal(r.boxes_to_image(boxes).numpy(),
+                                  each(lambda g, b: g.boxes_to_original(b)[0], boxes))
+    np.testing.assert_array_equal(r.points_to_model(points).numpy(), each(Frame.coords_to_input, points))
+    np.testing.assert_array_equal(r.points_to_image(points).numpy(), each(Frame.coords_to_original, points))
+
+
+def test_batch_preprocesses_once_per_config(tiny_bundle):
+    batch = Batch(_images(), torch.device("cpu"))
+    cfg = PreprocessConfig(image_size=64, normalize="minmax")
+    assert batch.inputs(cfg) is batch.inputs(PreprocessConfig(image_size=64, normalize="minmax"))
+    assert batch.inputs(cfg).shape == (3, 3, 64, 64)
+    assert [g.original_size for g in batch.geometry(cfg)] == [(96, 128), (131, 77), (64, 64)]
+
+
+@pytest.mark.parametrize("prompts", ["curriculum", "box"])
+def test_from_bundle_equals_the_explicit_construction(tiny_bundle, engine, prompts):
+    images = _images()
+    ref = CurriculumPipeline(tiny_bundle, engine, PipelineOptions(prompts=prompts)).predict(images)
+    for source in (tiny_bundle, tiny_bundle.root):
+        pipe = CurriculumPipeline.from_bundle(source, "torch", "cpu", prompts=prompts)
+        assert pipe.options == PipelineOptions(prompts=prompts)
+        for a, b in zip(ref, pipe.predict(images)):
+            np.testing.assert_array_equal(a.masks, b.masks)
+            np.testing.assert_array_equal(a.boxes, b.boxes)
+            np.testing.assert_array_equal(a.points, b.points)
+
+
+def test_from_bundle_refuses_an_unknown_option(tiny_bundle):
+    with pytest.raises(TypeError):
+        CurriculumPipeline.from_bundle(tiny_bundle, prompt="box")
+
+
+def test_public_stages_give_what_predict_gives(tiny_bundle, engine):
+    """detect and keypoints, called by evaluation and training with keywords only, return the
+    boxes and points of predict (on the CPU)."""
+    pipe = CurriculumPipeline(tiny_bundle, engine)
+    images = _images()
+    results = pipe.predict(images)
+    detected = pipe.detect(images)
+    for (boxes, scores), res in zip(detected, results):
+        assert boxes.device.type == "cpu"
+        np.testing.assert_array_equal(boxes.numpy(), res.boxes)
+        np.testing.assert_array_equal(scores.numpy(), res.scores)
+    boxes = torch.cat([b for b, _ in detected])
+    index = torch.repeat_interleave(torch.arange(3), torch.tensor([len(r.boxes) for r in results]))
+    points, conf = pipe.keypoints(images, boxes, image_index=index)
+    np.testing.assert_array_equal(points.numpy(), np.concatenate([r.points for r in results]))
+    np.testing.assert_array_equal(conf.numpy(), np.concatenate([r.point_scores for r in results]))
+    (alone,) = pipe.predict(images[1:2])  # the encoder's numbers depend on the batch a little
+    emb = engine.encode(Batch(images[1:2], engine.device).inputs(pipe.sam_cfg))
+    one, _ = pipe.keypoints(images[1:2], torch.as_tensor(alone.boxes), embeddings=emb)
+    np.testing.assert_array_equal(one.numpy(), alone.points)
+
+
+def test_every_stage_is_timed(tiny_bundle, engine):
+    (res,) = CurriculumPipeline(tiny_bundle, engine).predict(_images()[:1])
+    assert list(res.timings_ms) == list(STAGES)
+    assert res.timings_ms["encode"] > 0

@@ -1,5 +1,6 @@
 """cp-deploy batch --executor ray on a local two-CPU Ray cluster: the same outputs as the local
-executor image for image, a worker killed mid-run, --resume, and the missing-extra message."""
+executor image for image (DICOM, NIfTI and multi-page TIFF too), a worker killed mid-run,
+--resume, and the missing-extra message."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from cp_deploy.cli import main
 from cp_deploy.executors import PipelineFactory
 from cp_deploy.executors.local import run_folder
+from cp_deploy.executors.output import read_run_info
 from cp_deploy.executors.ray import run_folder_ray
 from cp_deploy.io import read_mask
 from cp_deploy.pipeline import CurriculumPipeline
@@ -106,6 +109,81 @@ def test_ray_outputs_equal_local(ray_cluster, tiny_bundle, inputs, local_run, tm
     assert len(_records(out)) == 10
 
 
+@pytest.fixture(scope="module")
+def format_inputs(tmp_path_factory):
+    """PNGs, a DICOM, a multi-frame DICOM, a NIfTI volume and a TIFF of two pages."""
+    for extra in ("pydicom", "highdicom", "nibabel"):
+        pytest.importorskip(extra, reason="needs the 'dicom' and 'nifti' extras (make test installs them)")
+    import nibabel as nib
+
+    from tests.deploy.test_formats import ct_pixels, enhanced_ct, make_dicom
+
+    inp = tmp_path_factory.mktemp("ray_formats")
+    make_images(inp, 2)
+    make_dicom(inp / "ct.dcm", ct_pixels(), RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=100, WindowWidth=600)
+    enhanced_ct(inp / "cine.dcm")
+    slices = [np.zeros((40, 36), np.int16) for _ in range(3)]
+    for k, sl in enumerate(slices):
+        cv2.circle(sl, (18, 20), 6 + 2 * k, 400, -1)
+    vol = np.stack(slices, axis=2)
+    nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 3.0, 1])), inp / "vol.nii.gz")
+    pages = [np.asarray(cv2.imread(str(inp / "img_000.png"), cv2.IMREAD_GRAYSCALE))] * 2
+    assert cv2.imwritemulti(str(inp / "stack.tiff"), pages)
+    return inp
+
+
+def test_ray_reads_every_format_as_the_local_executor(ray_cluster, tiny_bundle, format_inputs, tmp_path):
+    """Same records (timings aside), the same mask PNGs byte for byte, DICOM-SEG and mask NIfTI
+    outputs that decode equal, and run.json. The local run uses one torch thread, as the actors
+    do, so that the numbers agree exactly."""
+    import nibabel as nib
+    import pydicom
+
+    threads = torch.get_num_threads()
+    try:
+        s_local = run_folder(PipelineFactory(str(tiny_bundle.root), threads=1), format_inputs, tmp_path / "local",
+                             batch_size=2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    s_ray = run_folder_ray(PipelineFactory(str(tiny_bundle.root)), format_inputs, tmp_path / "ray", batch_size=2,
+                           progress=False, **POOL)
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    assert (s_ray.total, s_ray.ok, s_ray.failed, s_ray.skipped) == (s_local.total, s_local.ok, s_local.failed, 0)
+    assert (s_local.ok, s_local.failed) == (10, 0)  # 2 PNGs, ct, 2 cine frames, 3 slices, 2 pages
+    recs = {r["path"]: r for r in _records(ray_out)}
+    assert recs == {r["path"]: r for r in _records(local)}
+    assert recs["cine.dcm"]["frames"] == 2 and recs["cine.dcm#f002"]["source"] == "cine.dcm"
+    assert recs["stack.tiff"]["frames"] == 2 and recs["vol.nii.gz"]["frames"] == 3
+    masks = sorted(p.relative_to(local).as_posix() for p in (local / "masks").rglob("*.png"))
+    assert masks == sorted(p.relative_to(ray_out).as_posix() for p in (ray_out / "masks").rglob("*.png"))
+    assert len(masks) == 10
+    for m in masks:
+        assert (ray_out / m).read_bytes() == (local / m).read_bytes(), m
+    for name in ("ct.dcm", "cine.dcm"):
+        seg = recs[name]["outputs"]["dicom_seg"]
+        got, want = (pydicom.dcmread(d / seg).pixel_array for d in (ray_out, local))
+        np.testing.assert_array_equal(got, want)
+    nii = recs["vol.nii.gz"]["outputs"]["nifti"]
+    got, want = nib.load(ray_out / nii), nib.load(local / nii)
+    np.testing.assert_array_equal(np.asanyarray(got.dataobj), np.asanyarray(want.dataobj))
+    assert np.allclose(got.affine, want.affine)
+    info = read_run_info(ray_out)
+    assert info["settings"] == read_run_info(local)["settings"]
+    assert (info["ok"], info["failed"], info["skipped"]) == (10, 0, 0)
+
+    # --resume on Ray of the local run: a lost slice is redone, a lost DICOM-SEG is rebuilt from
+    # the frame masks on disk without segmenting its frames again.
+    seg = recs["cine.dcm"]["outputs"]["dicom_seg"]
+    for lost in ("masks/vol_z001.png", recs["vol.nii.gz"]["outputs"]["nifti"], seg):
+        (local / lost).unlink()
+    s = run_folder_ray(PipelineFactory(str(tiny_bundle.root)), format_inputs, local, batch_size=2, progress=False,
+                       resume=True, **POOL)
+    assert (s.ok, s.failed, s.skipped) == (1, 0, 9)
+    assert {r["path"]: r for r in _records(local)} == recs
+    assert (local / "masks/vol_z001.png").read_bytes() == (ray_out / "masks/vol_z001.png").read_bytes()
+    np.testing.assert_array_equal(pydicom.dcmread(local / seg).pixel_array, pydicom.dcmread(ray_out / seg).pixel_array)
+
+
 @dataclass(frozen=True)
 class KillOnce:
     """Builds the pipeline; the first worker to segment anything writes its PID to ``marker``
@@ -130,8 +208,8 @@ class KillOnce:
         pipeline.predict = predict_or_die
         return pipeline
 
-    def settings(self) -> dict:
-        return self.factory.settings()
+    def settings(self, slice_axis: int | None = None) -> dict:
+        return self.factory.settings(slice_axis)
 
 
 def test_killed_worker_is_retried_and_every_image_done_once(ray_cluster, tiny_bundle, inputs, local_run, tmp_path):

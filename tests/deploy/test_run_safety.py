@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from cp_deploy.cli import main
-from cp_deploy.executors import PipelineFactory
-from cp_deploy.executors import local as local_executor
-from cp_deploy.executors.local import output_names, run_folder
+from cp_deploy.executors import PipelineFactory, core
+from cp_deploy.executors.local import run_folder
+from cp_deploy.executors.names import output_names
 from cp_deploy.io import RunJournal, atomic_write_bytes, remove_stale_temporaries
 from cp_deploy.pipeline import PipelineOptions
 from tests.conftest import make_images
@@ -159,7 +159,7 @@ def test_nifti_slice_and_image_of_the_same_mask_name_both_kept(tiny_bundle, tmp_
 def test_writer_never_overwrites_another_inputs_mask(tiny_bundle, tmp_path, monkeypatch):
     inp, out = tmp_path / "in", tmp_path / "out"
     make_images(inp, 2)
-    monkeypatch.setattr(local_executor, "output_names", lambda files: {f.as_posix(): "same.png" for f in files})
+    monkeypatch.setattr(core, "output_names", lambda files: {f.as_posix(): "same.png" for f in files})
     summary = run_folder(PipelineFactory(str(tiny_bundle.root))(), inp, out, progress=False)
     rec = _lines(out)
     assert rec["img_000.png"]["status"] == "ok" and rec["img_001.png"]["status"] == "error"

@@ -185,7 +185,7 @@ def test_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_bundle, exported):
 
 
 def test_default_bundle_export_and_examples(tmp_path):
-    """The issue's end-to-end check on the shipped bundle and the real example polyps:
+    """End to end on the shipped bundle and the real example polyps:
     cp-export onnx (with its parity check on them), then cp-deploy batch --engine onnxruntime
     gives the torch engine's masks."""
     from cp_deploy.bundle import load_bundle

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import cp_train.cli
 from cp_train.cli import main as train_main
 from cp_train.trainers.loop import LoopConfig, fit
 
@@ -41,11 +40,10 @@ def _one_line_error(capsys, argv: list[str]) -> str:
 
 
 @pytest.fixture
-def no_models(monkeypatch):
-    """Fails the test if cp-train builds the SAM models (and so could compute an embedding)."""
-    def refuse(*_a, **_k):
-        raise AssertionError("a model was built before the inputs were checked")
-    monkeypatch.setattr(cp_train.cli, "build_models", refuse)
+def no_models(tmp_path):
+    """Fails the test if cp-train computed an embedding (so built the SAM models) before refusing."""
+    yield
+    assert not (tmp_path / "cache").exists(), "an embedding was computed before the inputs were checked"
 
 
 def _fit_linear(work: Path, epochs: int, resume: bool, stop_after: int | None = None) -> dict:

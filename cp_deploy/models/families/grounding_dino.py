@@ -1,4 +1,4 @@
-"""Grounding DINO (transformers' ``GroundingDinoForObjectDetection``) behind the detector interface.
+"""``grounding_dino``: transformers' ``GroundingDinoForObjectDetection`` behind the detector interface.
 
 The bundle's text prompt is fixed, so it is tokenized and run through the BERT text backbone once,
 when the detector is built (and again whenever weights are loaded into it); the features are a
@@ -10,7 +10,8 @@ One patch of transformers: the text masks helper
 (``generate_masks_with_special_tokens_and_transfer_map``) uses ``torch.isin`` and ``cummax``,
 which the ONNX exporter cannot convert, and ``torch.eye`` on bools, which ONNX Runtime cannot run.
 :func:`text_masks` computes the same masks (tested equal) with comparisons only; it is installed
-in the transformers module when this module builds a model.
+in the transformers module when this module builds a model. transformers (the ``gdino`` extra) is
+imported only when a model is built, so the family registers without it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from cp_deploy import MissingExtraError
+from cp_deploy.models.registry import BuildContext, DetectorFamily, register
 
 GDINO_EXTRA = "pip install 'curriculum-prompting[gdino]'"
 
@@ -115,9 +117,6 @@ class GroundingDinoDetector(nn.Module):
     """Grounding DINO with a fixed text prompt. ``forward(images)`` -> ``logits`` (B, queries,
     phrase tokens: the query-token similarities of the prompt's own words, without [CLS], [SEP]
     and the full stop) and ``boxes`` (B, queries, 4: xyxy in input pixels)."""
-
-    reads = "image"
-    output_names = ("logits", "boxes")
 
     def __init__(self, text: str, tokenizer: str | Path | None = None, pretrained: str | Path | None = None,
                  model_config: dict | None = None) -> None:
@@ -214,3 +213,36 @@ def decode_grounding_dino(raw: dict[str, torch.Tensor], max_candidates: int = 50
     k = min(max_candidates, scores.shape[1])
     top, idx = scores.topk(k, dim=1)
     return [(raw["boxes"][i].float()[idx[i]], top[i]) for i in range(len(scores))]
+
+
+def default_config(pretrained: str | Path | None = None, tokenizer: str | Path | None = None,
+                   model_config: dict | None = None, **_) -> dict:
+    """A local weights directory (``pretrained``, which holds its tokenizer unless ``tokenizer``
+    names one), or a random model of ``model_config`` (a ``GroundingDinoConfig`` as a dict)."""
+    cfg = {"pretrained": pretrained, "tokenizer": tokenizer, "model_config": model_config}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items() if v is not None}
+
+
+def build(config: dict, ctx: BuildContext) -> nn.Module:
+    cfg = dict(config)
+    for key in ("tokenizer", "pretrained"):
+        if cfg.get(key) is not None and ctx.root is not None:
+            cfg[key] = Path(ctx.root) / cfg[key]  # an absolute path stays as it is
+    return GroundingDinoDetector(ctx.prompt_text, **cfg)
+
+
+def set_loss(net: nn.Module, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+    """transformers' set loss, computed inside ``forward`` (see :meth:`GroundingDinoDetector.forward`)."""
+    return net(images, boxes)["loss"]
+
+
+FAMILY = register(DetectorFamily(
+    name="grounding_dino",
+    reads="image",
+    output_names=("logits", "boxes"),
+    build=build,
+    decode=lambda raw, config: decode_grounding_dino(raw),
+    loss=set_loss,
+    default_config=default_config,
+    text_prompted=True,
+))

@@ -1,6 +1,6 @@
 """What ``--executor ray`` costs against the local executor on the same images, on one machine.
 
-    python benchmarks/ray_overhead.py [--bundle B] [--images examples/images] [--sizes 10 40] [--threads 1]
+    python -m tools.ray_overhead [--bundle B] [--images examples/images] [--sizes 10 40] [--threads 1]
 
 For each size N the images are repeated to N files; the local executor and Ray (one worker with
 the same torch threads, then ``--workers`` workers) segment them into fresh folders. The fixed
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cp_bench.results import write_json
 from cp_deploy.executors import PipelineFactory
 from cp_deploy.executors.local import run_folder
 from cp_deploy.executors.ray import run_folder_ray
@@ -76,8 +77,7 @@ def main() -> None:
     ray.shutdown()
     shutil.rmtree(tmp)
     print(json.dumps(rows, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(args.json, rows, indent=1)
 
 
 if __name__ == "__main__":

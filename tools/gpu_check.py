@@ -1,6 +1,6 @@
-"""The GPU check of the export issue: export, parity against torch fp32, and time, on one card.
+"""Export, parity against torch fp32, and time, on one card: the check to run on a new GPU.
 
-    python -m benchmarks.gpu_check [--out DIR] [--skip-vit-h] [--keypoints hrnet] [--gdino]
+    python -m tools.gpu_check [--out DIR] [--skip-vit-h] [--keypoints topdown_heatmap] [--gdino]
 
 For the tiny bundle and a ViT-H-sized bundle of seeded random weights (speed and the export path
 do not depend on the values): ``cp-export onnx`` (ViT-H with external data), then each engine
@@ -12,9 +12,9 @@ a failing step is a row with its error, so the table always comes out.
 
 ``--gdino`` adds the paper's detector at production size: the tiny SAM with a seeded random
 Grounding DINO of the public Swin-T model's shape (BERT-base text encoder, 900 queries) on 800 px
-images (needs the ``gdino`` extra: transformers, tokenizers, scipy and their pure-Python
-dependencies as wheels in ``.whl/``). Community reports call its TensorRT export fragile; the
-rows record what happens, failures included.
+images (needs the ``gdino`` extra). Community reports call its TensorRT export fragile; the rows
+record what happens, failures included. Budget: under 10 minutes on an H100/H200 (ViT-H export
+1-2 min, its ONNX Runtime CPU parity 2-3 min).
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.pipeline import run_ours, sync
+from cp_bench.results import write_json
+from cp_bench.speed import run_ours, sync
 from cp_deploy.engines.torch import TorchEngine
-from cp_deploy.models.build import build_models, hrnet_keypoint_config, init_bundle
+from cp_deploy.models.build import build_models, init_bundle
+from cp_deploy.models.registry import keypoint_family
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 from export.onnx import export_onnx, sample_inputs
 from export.parity import Tolerance, check_parity, synthetic_images
@@ -123,9 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="/tmp/cp-gpu-check", help="work folder (graphs, engines, gpu_check.json)")
     ap.add_argument("--skip-vit-h", action="store_true", help="only the tiny bundle")
     ap.add_argument("--images", type=int, default=4, help="synthetic images per parity check")
-    ap.add_argument("--keypoints", default="embedding_heatmap", choices=["embedding_heatmap", "hrnet"],
-                    help="keypoint net: hrnet is HRNet-W32 on 256-pixel crops in the ViT-H and Grounding DINO "
-                         "bundles (w18-small on 64-pixel crops in the tiny one)")
+    ap.add_argument("--keypoints", default="embedding_heatmap", choices=["embedding_heatmap", "topdown_heatmap"],
+                    help="keypoint net: topdown_heatmap is HRNet-W32 on 256-pixel crops in the ViT-H and Grounding "
+                         "DINO bundles (w18-small on 64-pixel crops in the tiny one)")
     ap.add_argument("--gdino", action="store_true", help="also Grounding DINO (Swin-T size, random) as detector")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -138,16 +140,16 @@ def main(argv: list[str] | None = None) -> None:
     for name, arch, gdino in bundles:
         t0 = time.perf_counter()
         keypoints = None
-        if args.keypoints == "hrnet":
+        if args.keypoints == "topdown_heatmap":
             big = arch == "vit_h" or gdino is not None
-            cfg = hrnet_keypoint_config() if big else hrnet_keypoint_config("hrnet_w18_small", 64, 32)
-            keypoints, name = ("hrnet", cfg), f"{name}+{cfg['backbone']}"
+            family = keypoint_family("topdown_heatmap")
+            cfg = family.default_config() if big else family.default_config("hrnet_w18_small", 64, 32)
+            keypoints, name = (family.name, cfg), f"{name}+{cfg['backbone']}"
         bundle = init_bundle(out / f"{name}-bundle", arch, seed=0, prompt=PROMPT, keypoints=keypoints, gdino=gdino)
         print(f"{name}: bundle written in {time.perf_counter() - t0:.1f} s", flush=True)
         build_models(bundle)  # fail early on a broken bundle
         check_bundle(name, bundle, out, rows, args.images)
-    (out / "gpu_check.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows},
-                                                   indent=2) + "\n")
+    write_json(out / "gpu_check.json", {"device": device, "torch": torch.__version__, "rows": rows})
     print(f"\n{device}, torch {torch.__version__}")
     print("| bundle | engine | precision | max rel logit diff | pixels equal (min) | Dice (min) | ms/image | "
           "encode/detect/keypoints ms | passed | s |")

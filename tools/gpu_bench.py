@@ -1,7 +1,8 @@
-"""The speed issue's GPU benchmark: the curriculum pipeline with a ViT-H-sized SAM against the
-naive SamPredictor reference, in one process, plus bf16 parity against fp32.
+"""The GPU speed table: the curriculum pipeline with a ViT-H-sized SAM against the naive
+SamPredictor reference, in one process, plus bf16 parity against fp32.
 
-    python -m benchmarks.gpu_bench [--out DIR] [--images 32] [--no-compile]
+    python -m tools.gpu_bench [--out DIR] [--images 32] [--no-compile]
+    python -m tools.gpu_bench --arch tiny --device cpu --images 4 --no-compile   # a smoke run
 
 The ViT-H bundle has seeded random weights (speed does not depend on the values), the default
 bundle's EfficientNet-Lite0 detector (reads the image, so it overlaps the encoder on a side
@@ -13,17 +14,17 @@ writes ``gpu_bench.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.pipeline import main as pipeline_bench
-from cp_deploy.bundle import default_bundle_path, load_bundle
+from cp_bench.results import write_json
+from cp_bench.speed import SpeedConfig, measure_speed, summary
+from cp_deploy.bundle import default_bundle_path, derive_bundle, load_bundle, read_spec
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.models.build import init_bundle
+from cp_deploy.models.weights import read_state_dict
 from export.parity import Tolerance, check_parity, synthetic_images
 
 
@@ -31,11 +32,11 @@ def random_bundle(out: Path, arch: str = "vit_h") -> Path:
     """A SAM bundle of random weights with the shipped bundle's image-reading detector."""
     bundle = init_bundle(out, arch, seed=0, prompt={"score_threshold": 0.0, "min_instances": 1,
                                                        "max_instances": 3})
-    spec = json.loads((bundle.root / "bundle.json").read_text())
-    default = json.loads((default_bundle_path() / "bundle.json").read_text())
-    shutil.copy2(default_bundle_path() / default["detector"]["file"], out / "lite0_detector.safetensors")
-    spec["detector"] = {**default["detector"], "file": "lite0_detector.safetensors"}
-    (out / "bundle.json").write_text(json.dumps(spec, indent=2) + "\n")
+    shipped = load_bundle(default_bundle_path())
+    entry = read_spec(shipped)["detector"]
+    # Derived in place: the SAM and keypoint files stay where they are; the detector's fp16
+    # weights are stored as they are shipped (fp16).
+    derive_bundle(bundle, out, {"detector": (entry, read_state_dict(shipped.detector.file))})
     return out
 
 
@@ -49,23 +50,25 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
-        raise SystemExit("gpu_bench needs a CUDA GPU (or --device cpu --arch tiny for a smoke run)")
+        raise SystemExit("tools.gpu_bench needs a CUDA GPU (or --device cpu --arch tiny for a smoke run)")
     out = Path(args.out)
     t0 = time.perf_counter()
     bdir = random_bundle(out / f"{args.arch}-random", args.arch)
     print(f"bundle written in {time.perf_counter() - t0:.0f} s", flush=True)
-    common = ["--bundle", str(bdir), "--device", args.device, "--images", str(args.images), "--image-dir", ""]
-    runs = [("fp32, batch 1, + reference", ["--batch-size", "1", "--reference"]),
-            ("bf16, batch 8", ["--batch-size", "8", "--precision", "bf16"])]
+    common = {"bundle": str(bdir), "device": args.device, "images": args.images, "image_dir": ""}
+    runs = [("fp32, batch 1, + reference", {"batch_size": 1, "reference": True}),
+            ("bf16, batch 8", {"batch_size": 8, "precision": "bf16"})]
     if not args.no_compile:
-        runs.append(("bf16, batch 8, compiled", ["--batch-size", "8", "--precision", "bf16", "--compile"]))
+        runs.append(("bf16, batch 8, compiled", {"batch_size": 8, "precision": "bf16", "compile": True}))
     rows = []
     for name, extra in runs:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        r = pipeline_bench(common + extra + ["--json", str(out / f"bench-{len(rows)}.json")])
+        r = measure_speed(SpeedConfig(**common, **extra))
+        print(summary(r))
+        write_json(out / f"bench-{len(rows)}.json", r)
         rows.append({"config": name, **r, "seconds": round(time.perf_counter() - t0, 1)})
 
     bundle = load_bundle(bdir)
@@ -75,8 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     print(rep.table())
     ref = rows[0]["reference"]
     device = rows[0]["device"]
-    (out / "gpu_bench.json").write_text(json.dumps({"device": device, "rows": rows, "bf16_parity": parity},
-                                                   indent=2) + "\n")
+    write_json(out / "gpu_bench.json", {"device": device, "rows": rows, "bf16_parity": parity})
     print(f"\n{device}, torch {torch.__version__}, {args.arch} random weights, {args.images} images")
     print("| config | images/s | ms/image | batch p50 ms | encode | detect | box | keypoints | refine | "
           "peak GiB | x reference |")

@@ -1,19 +1,19 @@
 """The torch engine's reduced precision (``--precision bf16|fp16``, the encoder under autocast)
-against its own fp32, on a bundle's real weights and real images, with the export issue's bounds.
+against its own fp32, on a bundle's real weights and real images, with ``cp-export``'s bounds.
 
-    python -m benchmarks.precision_parity [--bundle B] [--precision bf16] [--device cpu]
+    python -m tools.precision_parity [--bundle B] [--precision bf16] [--device cpu]
         [--images examples/images] [--json out.json]
 
-The GPU benchmark (``gpu_bench``) checks the same on random ViT-H weights, whose near-zero mask
-logits flip with any rounding; this is the check that says what a user's masks will do.
+``tools.gpu_bench`` checks the same on random ViT-H weights, whose near-zero mask logits flip
+with any rounding; this is the check that says what a user's masks will do.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from cp_bench.results import write_json
 from cp_deploy.bundle import default_bundle_path, load_bundle
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.io import discover_images, read_image
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"bundle": str(bundle.root), "precision": a.precision, "device": a.device, "images": len(images),
            **rep.to_json()}
     print(f"{a.precision} vs fp32 on {len(images)} images: passed {out['passed']}; {'; '.join(out['failures'])}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    write_json(a.json, out)
     return out
 
 

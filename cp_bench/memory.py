@@ -1,26 +1,27 @@
 """Peak memory of ``cp-deploy batch`` against the number of images.
 
-Each run is a fresh process (``--child``) that segments N small synthetic PNGs with the seeded
-tiny bundle, so the model's memory is the same in every run and what grows with N is the run's
-own bookkeeping (listing, journal, records, progress). The child reports its peak resident set
-(``VmHWM``) and samples its resident set as images finish.
-
-    python -m benchmarks.memory --sizes 100 10000 --json benchmarks/results/memory_tiny.json
+Each run is a fresh process (``cp-bench memory --child N``) that segments N small synthetic PNGs
+with the seeded tiny bundle, so the model's memory is the same in every run and what grows with N
+is the run's own bookkeeping (listing, journal, records, progress). The child reports its peak
+resident set (``VmHWM``) and samples its resident set as images finish.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+import cp_bench
+from cp_deploy.cli import main as deploy_main
+from cp_deploy.models.build import init_bundle
 
 
 def _status_kib(key: str) -> int:
@@ -44,9 +45,6 @@ def write_images(folder: Path, n: int, side: int = 48) -> None:
 
 def child(n: int, work: Path) -> dict:
     """One measured run: images and bundle are made before the baseline is read."""
-    from cp_deploy.cli import main as deploy_main
-    from cp_deploy.models.build import init_bundle
-
     bundle = init_bundle(work / "bundle", "tiny", seed=0, prompt={"score_threshold": 0.05, "max_instances": 3})
     write_images(work / "in", n)
     samples: list[tuple[float, int]] = []
@@ -72,31 +70,24 @@ def child(n: int, work: Path) -> dict:
             "rss_samples_mib": [(t, round(k / 1024, 1)) for t, k in samples[:: max(1, len(samples) // 40)]]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[100, 10000], help="image counts, one process each")
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(child(args.child, Path(tmp))))
-        return 0
-    runs = []
-    for n in args.sizes:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", str(n)], check=True,
-                             capture_output=True, text=True)
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = runs[-1]
-        print(f"{n} images: exit {r['exit_code']}, {r['records']} records, {r['seconds']} s, "
-              f"peak RSS {r['peak_rss_mib']} MiB (before the run {r['rss_before_run_mib']} MiB)")
+def run_child(n: int) -> dict:
+    """:func:`child` for ``n`` images in a fresh process; its result."""
+    # The child imports this very cp_bench, installed or not.
+    root = str(Path(cp_bench.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-m", "cp_bench", "memory", "--child", str(n)], check=True,
+                         capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_line(r: dict) -> str:
+    """One run's result as one line."""
+    return (f"{r['images']} images: exit {r['exit_code']}, {r['records']} records, {r['seconds']} s, "
+            f"peak RSS {r['peak_rss_mib']} MiB (before the run {r['rss_before_run_mib']} MiB)")
+
+
+def growth_lines(runs: list[dict]) -> list[str]:
+    """Each later run's peak against the first's."""
     base = runs[0]["peak_rss_mib"]
-    for r in runs[1:]:
-        print(f"{r['images']} vs {runs[0]['images']} images: peak RSS {100 * (r['peak_rss_mib'] / base - 1):+.1f}%")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs}, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return [f"{r['images']} vs {runs[0]['images']} images: peak RSS {100 * (r['peak_rss_mib'] / base - 1):+.1f}%"
+            for r in runs[1:]]

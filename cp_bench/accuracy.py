@@ -1,0 +1,80 @@
+"""The accuracy table: mDice / mIoU of a bundle on a split, for every prompt mode of the paper.
+
+Embeddings come from the training cache (computed once per image with the bundle's encoder), so
+all rows share one encoder pass per image. Rows: each prompt mode with detector boxes,
+``curriculum`` with positive edge labels, and ``box``/``curriculum`` with ground-truth boxes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cp_deploy.bundle import Bundle
+from cp_deploy.models.build import build_models
+from cp_deploy.pipeline import PipelineOptions
+from cp_train.data import EmbeddingCache, load_samples, read_split
+from cp_train.evaluate import evaluate
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: the prompts, where the boxes come from, and the pipeline options."""
+
+    prompts: str
+    boxes: str  # "detector" or "GT boxes"
+    options: dict = field(default_factory=dict)
+
+
+ROWS = (
+    Row("points", "detector", {"prompts": "points"}),
+    Row("box", "detector", {"prompts": "box"}),
+    Row("box+points", "detector", {"prompts": "box+points"}),
+    Row("box+mask", "detector", {"prompts": "box+mask"}),
+    Row("curriculum", "detector", {"prompts": "curriculum"}),
+    Row("curriculum, positive edge labels", "detector", {"prompts": "curriculum", "edge_label": "positive"}),
+    Row("box", "GT boxes", {"prompts": "box"}),
+    Row("curriculum", "GT boxes", {"prompts": "curriculum"}),
+)
+
+
+def pick_rows(spec: str) -> list[Row]:
+    """``all``, or comma-separated 1-based row numbers of :data:`ROWS`."""
+    if spec == "all":
+        return list(ROWS)
+    try:
+        picked = [int(i) for i in spec.split(",")]
+    except ValueError:
+        picked = []
+    if not picked or any(not 1 <= i <= len(ROWS) for i in picked):
+        raise ValueError(f"{spec!r}: expected 'all' or row numbers 1..{len(ROWS)} separated by commas")
+    return [ROWS[i - 1] for i in picked]
+
+
+def accuracy_table(bundle: Bundle, data: str | Path, split: str | Path, cache_dir: str | Path,
+                   rows: list[Row], on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Score ``rows`` on the ``split`` of ``data``; ``on_row(row_dict)`` is called as each finishes."""
+    models = build_models(bundle)
+    samples = load_samples(data, read_split(split), progress=False)
+    with torch.no_grad():
+        emb = EmbeddingCache(cache_dir, bundle, models.image_encoder).fill(samples, progress=False)
+    out = []
+    for row in rows:
+        t0 = time.perf_counter()
+        r = evaluate(bundle, models, samples, emb, PipelineOptions(**row.options), gt_boxes=row.boxes == "GT boxes")
+        out.append({"prompts": row.prompts, "boxes": row.boxes, **r, "seconds": round(time.perf_counter() - t0, 1)})
+        if on_row is not None:
+            on_row(out[-1])
+    return out
+
+
+def table_header() -> str:
+    return "| prompts | boxes | mDice | mIoU | s |\n| --- | --- | --- | --- | --- |"
+
+
+def table_line(row: dict) -> str:
+    return f"| {row['prompts']} | {row['boxes']} | {row['mDice']:.4f} | {row['mIoU']:.4f} | {row['seconds']} |"

@@ -1,0 +1,53 @@
+"""The sam-refine stage: a second prompt encoder and mask decoder on the box head's coarse logits
+(from jittered boxes) plus 8 edge points with the bundle's edge label."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cp_deploy.bundle import EDGE_LABELS, Bundle
+from cp_deploy.engines.torch import TorchEngine
+from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
+from cp_train.data import Dataset
+from cp_train.stages.common import finish, instance_data, setup, work_dir
+from cp_train.trainers.loop import LoopConfig, fit
+from cp_train.trainers.sam import make_sam_epoch, predicted_points
+from cp_train.validate import validate_head
+
+POINT_SOURCES = ("gt", "predicted")
+
+
+@dataclass
+class SamRefineRecipe(LoopConfig):
+    """How to train the refine head: the loop's fields plus where its edge points come from."""
+
+    epochs: int = 3
+    batch_size: int = 4
+    lr: float = 1e-4
+    point_jitter: float = 0.02  # Gaussian noise on the training points, in box sides
+    train_points: str = "gt"  # "gt", or "predicted": the base's keypoint net's on each jittered box
+    val_points: str = "gt"  # the same choice for validation
+
+    def __post_init__(self) -> None:
+        for name in ("train_points", "val_points"):
+            if getattr(self, name) not in POINT_SOURCES:
+                raise ValueError(f"{name} must be one of {', '.join(POINT_SOURCES)}, got {getattr(self, name)!r}")
+
+
+def train(base: Bundle, data: Dataset, recipe: SamRefineRecipe, out: Path, work: Path | None = None) -> Bundle:
+    """Train the refine head on ``data`` and write ``out``: ``base`` with that head."""
+    s = setup(base, data)
+    d = instance_data(base, s)
+    models = s.val.models
+    source = None
+    if recipe.train_points == "predicted":  # what the deployed curriculum feeds the head
+        pipe = CurriculumPipeline(base, TorchEngine(base, models=models), PipelineOptions(prompts="curriculum"))
+        source = predicted_points(pipe, d.samples, d.targets, d.embeddings)
+    epoch = make_sam_epoch("refine", d.targets, d.embeddings, recipe.batch_size, recipe.seed,
+                           box_head=models.box.eval(), edge_label=EDGE_LABELS[base.prompt.edge_label],
+                           point_jitter=recipe.point_jitter, point_source=source)
+    gt_points = recipe.val_points == "gt"
+    state = fit("sam-refine", models.refine, list(models.refine.parameters()), epoch,
+                lambda m: validate_head(base, "refine", m, s.val, gt_points), recipe, work_dir(out, work))
+    return finish(base, "sam-refine", s, recipe, out, {"refine": (None, state)})

@@ -1,0 +1,80 @@
+"""Validation of a stage's net on the carved validation split, and the detector's threshold tuning."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cp_deploy.bundle import Bundle
+from cp_deploy.models.build import Models
+from cp_deploy.pipeline import PipelineOptions
+from cp_train import distributed
+from cp_train.data import Sample
+from cp_train.evaluate import evaluate, evaluate_boxes
+
+# The tuning grid: score threshold, minimum and maximum instance count per image.
+TUNING_GRID = [{"score_threshold": t, "min_instances": m, "max_instances": k}
+               for k in (1, 5) for m in (0, 1) for t in (0.2, 0.3, 0.4)]
+
+
+@dataclass
+class ValidationSet:
+    """The validation samples and, where validation runs SAM, the bundle's networks and the
+    samples' cached embeddings (``None`` for a detector validated on its boxes)."""
+
+    samples: list[Sample]
+    models: Models | None = None
+    embeddings: torch.Tensor | None = None
+
+
+def validate_detector(bundle: Bundle, net: nn.Module, val: ValidationSet, metric: str = "sam",
+                      device: torch.device | str = "cpu") -> dict:
+    """mDice of SAM's box pass with ``net`` as detector (``metric`` "sam"), or of its boxes against
+    the ground-truth boxes ("boxes": no SAM); ``bundle`` describes ``net`` and its thresholds."""
+    if metric == "boxes":
+        return evaluate_boxes(bundle, net, val.samples, device)
+    models = dataclasses.replace(val.models, detector=net)
+    return evaluate(bundle, models, val.samples, val.embeddings, PipelineOptions(prompts="box"), device=device)
+
+
+def validate_head(bundle: Bundle, name: str, head: nn.Module, val: ValidationSet, gt_points: bool = True) -> dict:
+    """mDice with ground-truth boxes of the ``box`` head's pass, or of the curriculum with ``head``
+    as its ``refine`` head (on ground-truth edge points, or with ``gt_points`` False the keypoint
+    net's)."""
+    models = dataclasses.replace(val.models, **{name: head})
+    opts = PipelineOptions(prompts="box" if name == "box" else "curriculum")
+    return evaluate(bundle, models, val.samples, val.embeddings, opts, gt_boxes=True,
+                    gt_points=name == "refine" and gt_points)
+
+
+def validate_keypoints(bundle: Bundle, net: nn.Module, val: ValidationSet) -> dict:
+    """mDice of the curriculum on ground-truth boxes with ``net`` as keypoint net (``bundle``
+    describes it)."""
+    models = dataclasses.replace(val.models, keypoints=net)
+    return evaluate(bundle, models, val.samples, val.embeddings, PipelineOptions(prompts="curriculum"), gt_boxes=True)
+
+
+def tune_detection(bundle: Bundle, net: nn.Module, val: ValidationSet, metric: str = "sam",
+                   device: torch.device | str = "cpu", log: Path | None = None) -> dict:
+    """The prompt settings (score threshold, minimum and maximum instances) of :data:`TUNING_GRID`
+    with the best :func:`validate_detector` mDice on the validation split (never test data); the
+    first of equals wins. Every row is printed and, with ``log``, written there as JSON lines."""
+    net.eval()
+    best, rows = None, []
+    for g in TUNING_GRID:
+        tried = dataclasses.replace(bundle, prompt=dataclasses.replace(bundle.prompt, **g))
+        r = validate_detector(tried, net, val, metric, device)
+        rows.append({**g, **r})
+        if distributed.is_main():
+            print(f"[detector] val {g}: mDice {r['mDice']:.4f}", flush=True)
+        if best is None or r["mDice"] > best[1]:
+            best = (g, r["mDice"])
+    if log is not None and distributed.is_main():
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return best[0]

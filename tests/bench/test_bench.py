@@ -1,0 +1,71 @@
+"""``cp-bench`` on the tiny bundle and a tiny synthetic dataset: each command gives the numbers the
+product itself gives on the same data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cp_bench import memory
+from cp_bench.accuracy import ROWS
+from cp_bench.cli import main as bench_main
+from cp_deploy.cli import main as deploy_main
+from cp_deploy.io import RESULTS_FILE
+
+
+@pytest.fixture(scope="module")
+def batch_run(tiny_bundle, dataset, tmp_path_factory):
+    """``cp-deploy batch`` (curriculum, detector boxes) on the dataset's images."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert deploy_main(["batch", "--input", str(dataset / "images"), "--output", str(out),
+                        "--bundle", str(tiny_bundle.root), "--no-progress"]) == 0
+    return out
+
+
+def test_accuracy_row_equals_cp_deploy_eval(tiny_bundle, dataset, batch_run, tmp_path, capsys):
+    """The curriculum row's mDice and mIoU are cp-deploy eval's on cp-deploy batch's masks."""
+    curriculum = next(i for i, r in enumerate(ROWS, 1) if r.options == {"prompts": "curriculum"})
+    assert deploy_main(["eval", "--pred", str(batch_run), "--gt", str(dataset / "masks"), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = tmp_path / "acc.json"
+    assert bench_main(["accuracy", "--bundle", str(tiny_bundle.root), "--data", str(dataset),
+                       "--split", str(dataset / "train.txt"), "--cache-dir", str(tmp_path / "cache"),
+                       "--rows", f"{curriculum},7", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["prompts"], r["boxes"]) for r in rows] == [("curriculum", "detector"), ("box", "GT boxes")]
+    # Within 1e-3, not equal: the table reads the training cache's fp16 embeddings (1e-5 here).
+    assert ev["n"] == 12 and rows[0]["mDice"] == pytest.approx(ev["mDice"], abs=1e-3)
+    assert rows[0]["mIoU"] == pytest.approx(ev["mIoU"], abs=1e-3)
+    assert f"| curriculum | detector | {rows[0]['mDice']:.4f} |" in printed
+
+
+def test_accuracy_refuses_an_unknown_row(tiny_bundle, dataset, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_main(["accuracy", "--data", str(dataset), "--split", str(dataset / "train.txt"), "--rows", "0,3"])
+    assert e.value.code == 2 and f"row numbers 1..{len(ROWS)}" in capsys.readouterr().err
+
+
+def test_speed_times_the_instances_cp_deploy_finds(tiny_bundle, dataset, batch_run, tmp_path):
+    """The timed pipeline finds as many instances per image as cp-deploy batch on the first images,
+    and the reference runs in the same call."""
+    out = tmp_path / "speed.json"
+    assert bench_main(["speed", "--bundle", str(tiny_bundle.root), "--image-dir", str(dataset / "images"),
+                       "--images", "4", "--reference", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    records = [json.loads(line) for line in (batch_run / RESULTS_FILE).read_text().splitlines()]
+    found = [len(rec["instances"]) for rec in sorted(records, key=lambda rec: rec["path"])[:4]]
+    assert r["images"] == 4 and r["ours"]["instances_per_image"] == pytest.approx(sum(found) / 4, abs=0.01)
+    assert set(r["ours"]["stage_ms_per_image"]) >= {"encode", "detect", "box", "keypoints", "refine"}
+    assert r["speedup"] == pytest.approx(r["ours"]["images_per_s"] / r["reference"]["images_per_s"], abs=0.01)
+
+
+def test_memory_runs_each_size_in_its_own_process(tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    assert bench_main(["memory", "--sizes", "3", "5", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["images"], r["exit_code"], r["records"]) for r in runs] == [(3, 0, 3), (5, 0, 5)]
+    assert all(r["peak_rss_mib"] >= r["rss_before_run_mib"] > 0 for r in runs)
+    assert "5 vs 3 images: peak RSS" in capsys.readouterr().out
+    assert memory.growth_lines(runs)[0].startswith("5 vs 3 images")

@@ -1,0 +1,1 @@
+"""Scripts for measuring and moving work to other machines; not part of the installed package."""
