@@ -16,8 +16,9 @@ from pathlib import Path
 
 from cp_bench import accuracy, memory, speed
 from cp_bench.results import write_json
-from cp_deploy.bundle import BundleError, load_bundle
-from cp_train.data import DEFAULT_CACHE_DIR, DataError, read_split
+from cp_deploy.bundle import load_bundle
+from cp_deploy.errors import CPError
+from cp_train.data import DEFAULT_CACHE_DIR, read_split
 
 
 def _rows(spec: str) -> list[accuracy.Row]:
@@ -108,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.run(a)
-    except (BundleError, DataError) as e:
+    except CPError as e:
         print(f"cp-bench: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cp_deploy.io import atomic_write_bytes
+from cp_deploy.files import atomic_write_bytes
 
 
 def write_json(path: str | Path | None, obj: object, indent: int = 2) -> None:

@@ -26,7 +26,7 @@ from segment_anything.modeling import Sam
 from cp_deploy.bundle import load_bundle
 from cp_deploy.engines import create_engine
 from cp_deploy.engines.torch import TorchEngine
-from cp_deploy.io import discover_images, read_image
+from cp_deploy.files import discover_images, read_image
 from cp_deploy.models.build import Models
 from cp_deploy.pipeline import STAGES, CurriculumPipeline, PipelineOptions
 from cp_deploy.preprocess import to_rgb_uint8

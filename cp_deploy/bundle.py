@@ -19,12 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cp_deploy.io import atomic_write_bytes
+from cp_deploy.errors import BundleError
+from cp_deploy.files import atomic_write_bytes
 from cp_deploy.models.weights import save_state_dict, sha256_file
 from cp_deploy.preprocess import PreprocessConfig
 
 FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.json"
+# The SAM architectures a bundle may name (cp_deploy.models.sam builds each).
+SAM_ARCHS = ("vit_h", "vit_l", "vit_b", "tiny", "lite_medsam")
 PROMPT_MODES = ("curriculum", "box", "points", "box+points", "box+mask")
 EDGE_LABELS = {"negative": 0, "positive": 1}
 # The keys each section may hold; anything else is a typo that would otherwise be ignored.
@@ -34,10 +37,6 @@ HEAD_NAMES = ("box", "refine")
 HEAD_KEYS = ("file", "sha256")
 STAGE_KEYS = ("arch", "reads", "config", "file", "sha256", "preprocess")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class BundleError(RuntimeError):
-    """A bundle is missing, malformed, or one of its files is missing or corrupt."""
 
 
 @dataclass
@@ -248,8 +247,6 @@ def _heads(root: Path, d: dict, where: str) -> dict[str, WeightRef]:
 
 def load_bundle(path: str | Path | None = None) -> Bundle:
     """Parse and check a bundle directory (or its ``bundle.json``); ``None`` means the default."""
-    from cp_deploy.models.sam import SAM_ARCHS
-
     root = Path(path) if path is not None else default_bundle_path()
     if root.name == BUNDLE_FILE:
         root = root.parent

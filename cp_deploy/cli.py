@@ -6,16 +6,18 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from cp_deploy import MissingExtraError
-from cp_deploy.bundle import PROMPT_MODES, BundleError
-from cp_deploy.engines.manifest import EngineError
-from cp_deploy.io import MAX_PIXELS, InputError
-from cp_deploy.models.weights import WeightsError
-
-USER_ERRORS = (
-    BundleError, EngineError, InputError, WeightsError, NotImplementedError, FileNotFoundError, MissingExtraError,
-)
+from cp_deploy.bundle import PROMPT_MODES
+from cp_deploy.errors import CPError, InputError
+from cp_deploy.executors import PipelineFactory, check_device
+from cp_deploy.executors.local import run_folder
+from cp_deploy.executors.ray import run_folder_ray
+from cp_deploy.files import MAX_PIXELS
+from cp_deploy.formats import ReadOptions
+from cp_deploy.metrics import evaluate_dirs
+from cp_deploy.pipeline import PipelineOptions
+from cp_deploy.report import write_report
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -28,11 +30,6 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from cp_deploy.executors import PipelineFactory, check_device
-    from cp_deploy.executors.output import WriteFailed
-    from cp_deploy.formats import ReadOptions
-    from cp_deploy.pipeline import PipelineOptions
-
     _check_counts(args)
     # Ray actors may have GPUs the driver lacks: there only the spelling of --device is checked.
     check_device(args.device, args.engine, count_gpus=args.executor == "local")
@@ -49,29 +46,18 @@ def _batch(args: argparse.Namespace) -> int:
               "overwrite": args.overwrite, "progress": not args.no_progress,
               "read_options": ReadOptions(slice_axis=args.slice_axis, include_uids=args.include_uids,
                                           max_pixels=args.max_pixels)}
-    try:  # the executors check and lock --output before the models load from ``factory``
-        if args.executor == "ray":
-            from cp_deploy.executors.ray import run_folder_ray
-
-            summary = run_folder_ray(factory, args.input, args.output, num_workers=args.num_workers,
-                                     gpus_per_worker=args.gpus_per_worker, cpus_per_worker=max(1, args.threads),
-                                     address=args.ray_address, **common)
-        else:
-            from cp_deploy.executors.local import run_folder
-
-            summary = run_folder(factory, args.input, args.output, workers=args.workers, **common)
-    except WriteFailed as e:  # mid-run: finished images are journalled, so exit 1 (not a usage error)
-        print(f"cp-deploy: error: {e}", file=sys.stderr)
-        return 1
+    # The executors check and lock --output before the models load from ``factory``.
+    if args.executor == "ray":
+        summary = run_folder_ray(factory, args.input, args.output, num_workers=args.num_workers,
+                                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=max(1, args.threads),
+                                 address=args.ray_address, **common)
+    else:
+        summary = run_folder(factory, args.input, args.output, workers=args.workers, **common)
     print(f"cp-deploy: {summary.line()}")
     return 1 if summary.failed else 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from cp_deploy.metrics import evaluate_dirs
-
     csv_path = args.csv or (Path(args.pred) / "eval.csv")
     s = evaluate_dirs(args.pred, args.gt, csv_path)
     if s["missing"]:
@@ -85,8 +71,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cp_deploy.report import write_report
-
     path = write_report(args.run_dir, gt_dir=args.gt, output=args.output, max_gallery=args.max_images)
     print(f"cp-deploy: report written to {path}")
     return 0
@@ -170,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except CPError as e:  # UsageError: exit 2; a failure mid-run (a full disk): exit 1
         print(f"cp-deploy: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("cp-deploy: interrupted; finished images are saved, rerun with --resume to continue", file=sys.stderr)
         return 130

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cp_deploy.io import InputError, atomic_write_bytes, discover_images, read_mask
+from cp_deploy.errors import InputError
+from cp_deploy.files import atomic_write_bytes, discover_images, read_mask
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:

@@ -31,9 +31,10 @@ from torchvision.ops import nms
 from cp_deploy.bundle import EDGE_LABELS, PROMPT_MODES, Bundle, load_bundle
 from cp_deploy.engines import create_engine
 from cp_deploy.engines.base import Engine
+from cp_deploy.models.build import stage_families
 from cp_deploy.models.keypoints import decode_heatmaps, expand_boxes
 from cp_deploy.models.registry import decode_detections
-from cp_deploy.preprocess import Frame, PreprocessConfig, postprocess_masks, preprocess_image, to_rgb_uint8
+from cp_deploy.preprocess import Geometry, PreprocessConfig, postprocess_masks, preprocess_image, to_rgb_uint8
 
 STAGES = ("preprocess", "encode", "detect", "box", "keypoints", "refine", "postprocess")
 EDGE_POINTS = 8  # the keypoint net's points per instance
@@ -153,7 +154,7 @@ class Resize:
     size: torch.Tensor  # Nx2 (w, h)
 
     @classmethod
-    def of(cls, geometry: list[Frame], device: torch.device | None = None) -> Resize:
+    def of(cls, geometry: list[Geometry], device: torch.device | None = None) -> Resize:
         """One row per image of ``geometry``."""
         rows = [(g.input_size[1] / g.original_size[1], g.input_size[0] / g.original_size[0],
                  g.original_size[1], g.original_size[0]) for g in geometry]
@@ -195,9 +196,9 @@ class Batch:
     def __len__(self) -> int:
         return len(self.images)
 
-    def geometry(self, cfg: PreprocessConfig) -> list[Frame]:
+    def geometry(self, cfg: PreprocessConfig) -> list[Geometry]:
         """Each image's resize geometry for ``cfg``."""
-        return [Frame.for_image(im.shape[:2], cfg.image_size) for im in self.images]
+        return [Geometry.for_image(im.shape[:2], cfg.image_size) for im in self.images]
 
     def resize(self, cfg: PreprocessConfig) -> Resize:
         """:meth:`geometry` as a :class:`Resize` on the device."""
@@ -290,6 +291,7 @@ class CurriculumPipeline:
         engine called ``engine``; ``options`` are :class:`PipelineOptions` fields, and the other
         keywords go to :func:`~cp_deploy.engines.create_engine`."""
         bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        stage_families(bundle)  # an unknown arch is a one-line BundleError whatever the engine
         eng = create_engine(engine, bundle, device=device, graphs=graphs, threads=threads, precision=precision,
                             compile=compile)
         return cls(bundle, eng, PipelineOptions(**options))
@@ -483,7 +485,7 @@ class CurriculumPipeline:
         ]
 
 
-def _masks(geo: Frame, final: torch.Tensor | None, coarse: torch.Tensor | None) -> dict:
+def _masks(geo: Geometry, final: torch.Tensor | None, coarse: torch.Tensor | None) -> dict:
     """One image's mask fields of :class:`ImageResult` from its final and coarse low-res logits."""
     h, w = geo.original_size
     if final is None or not len(final):

@@ -80,7 +80,7 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
-class Frame:
+class Geometry:
     """Geometry of one image through resize-longest-side: original and resized (H, W)."""
 
     original_size: tuple[int, int]
@@ -88,7 +88,7 @@ class Frame:
     image_size: int = field(default=1024)
 
     @classmethod
-    def for_image(cls, original_size: tuple[int, int], image_size: int) -> Frame:
+    def for_image(cls, original_size: tuple[int, int], image_size: int) -> Geometry:
         h, w = original_size
         return cls((int(h), int(w)), ResizeLongestSide.get_preprocess_shape(h, w, image_size), image_size)
 
@@ -167,18 +167,18 @@ def normalize_and_pad(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     return F.pad(x, (0, cfg.image_size - w, 0, cfg.image_size - h))
 
 
-def preprocess_image(image: np.ndarray, cfg: PreprocessConfig) -> tuple[torch.Tensor, Frame]:
-    """HxWx3 uint8 RGB -> (3xSxS float32 model input, its Frame)."""
-    frame = Frame.for_image(image.shape[:2], cfg.image_size)
+def preprocess_image(image: np.ndarray, cfg: PreprocessConfig) -> tuple[torch.Tensor, Geometry]:
+    """HxWx3 uint8 RGB -> (3xSxS float32 model input, its geometry)."""
+    geo = Geometry.for_image(image.shape[:2], cfg.image_size)
     resized = resize_longest_side(image, cfg.image_size)
     x = torch.from_numpy(resized).permute(2, 0, 1).float()
-    return normalize_and_pad(x, cfg), frame
+    return normalize_and_pad(x, cfg), geo
 
 
-def postprocess_masks(low_res: torch.Tensor, frame: Frame) -> torch.Tensor:
+def postprocess_masks(low_res: torch.Tensor, geo: Geometry) -> torch.Tensor:
     """Nx1xhxw low-res logits -> NxHxW logits at the original size (as Sam.postprocess_masks)."""
-    s = frame.image_size
+    s = geo.image_size
     x = F.interpolate(low_res, (s, s), mode="bilinear", align_corners=False)
-    x = x[..., : frame.input_size[0], : frame.input_size[1]]
-    x = F.interpolate(x, frame.original_size, mode="bilinear", align_corners=False)
+    x = x[..., : geo.input_size[0], : geo.input_size[1]]
+    x = F.interpolate(x, geo.original_size, mode="bilinear", align_corners=False)
     return x[:, 0]

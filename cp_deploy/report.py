@@ -22,15 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
+from cp_deploy.errors import InputError
 from cp_deploy.executors.output import read_run_info
-from cp_deploy.io import RESULTS_FILE, RunJournal, atomic_write_bytes
+from cp_deploy.files import atomic_write_bytes
+from cp_deploy.journal import RESULTS_FILE, RunJournal
+from cp_deploy.metrics import evaluate_dirs
+from cp_deploy.visualize import BOX, COARSE, FINAL, POINT
 
 STAGE_ORDER = ("decode", "preprocess", "encode", "detect", "box", "keypoints", "refine", "postprocess", "write")
 
 def _legend() -> list[tuple[str, str]]:
     """The overlay colours, from the module that draws them."""
-    from cp_deploy.visualize import BOX, COARSE, FINAL, POINT
-
     hexa = "#{:02x}{:02x}{:02x}".format
     return [(hexa(*FINAL), "final contour"), (hexa(*COARSE), "coarse contour"), (hexa(*BOX), "box and score"),
             (hexa(*POINT), "edge points")]
@@ -60,7 +62,7 @@ def load_records(run_dir: str | Path) -> tuple[list[dict], list[str]]:
     journal = RunJournal(run_dir)
     journal.load()
     if not journal.records and not journal.bad_lines:
-        raise FileNotFoundError(
+        raise InputError(
             f"{Path(run_dir) / RESULTS_FILE} not found; run cp-deploy batch --output {run_dir} first"
         )
     return list(journal.full_records()), list(journal.bad_lines)
@@ -119,8 +121,6 @@ def _timing_svg(means: dict[str, float]) -> str:
 
 def _gt_dice(run_dir: Path, gt_dir: str | Path, images: list[dict]) -> dict[str, float]:
     """Record path -> Dice against the ground-truth mask of the same relative name."""
-    from cp_deploy.metrics import evaluate_dirs
-
     rows = {r["image"]: r["dice"] for r in evaluate_dirs(run_dir, gt_dir)["rows"]}
     out = {}
     for r in images:

@@ -15,29 +15,21 @@ from pathlib import Path
 
 import torch
 
-from cp_deploy.bundle import BUNDLE_FILE, BundleError, default_bundle_path, load_bundle, update_spec
-from cp_deploy.io import InputError
+from cp_deploy.bundle import BUNDLE_FILE, default_bundle_path, load_bundle, update_spec
+from cp_deploy.errors import CPError, UsageError
 from cp_deploy.models.registry import detector_families, detector_family, keypoint_families, keypoint_family
-from cp_deploy.models.weights import WeightsError
 from cp_train import distributed
-from cp_train.data import DEFAULT_CACHE_DIR, DataError, Dataset
+from cp_train.data import DEFAULT_CACHE_DIR, Dataset
 from cp_train.ensemble import ensemble_bundles, tune
 from cp_train.evaluate import record_examples
 from cp_train.stages import STAGES, train_stages
-from cp_train.stages.common import RecipeError
 from cp_train.stages.detector import DetectorRecipe
 from cp_train.stages.keypoints import KeypointRecipe
 from cp_train.stages.sam_box import SamBoxRecipe
 from cp_train.stages.sam_refine import SamRefineRecipe
-from cp_train.trainers.loop import CheckpointError, LoopConfig
-
-
-class UsageError(RuntimeError):
-    """Flags that do not go together, or a path that cannot be used; the message says the fix."""
-
+from cp_train.trainers.loop import LoopConfig
 
 # Mistakes in what the user passed: one line and exit 2, never a traceback.
-USER_ERRORS = (UsageError, RecipeError, DataError, CheckpointError, BundleError, WeightsError, InputError)
 KEYPOINT_IMAGE_FLAGS = ("backbone", "backbone_checkpoint", "crop", "size")
 
 
@@ -193,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         result = {"ensemble": _ensemble, "evaluate": _evaluate}.get(args.command, _train)(args)
         if distributed.is_main():  # asked before shutdown, which makes every rank look like rank 0
             print(json.dumps(result))
-    except USER_ERRORS as e:
+    except CPError as e:
         print(f"cp-train: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     finally:
         if created:
             distributed.shutdown()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +15,10 @@ import torch
 from tqdm import tqdm
 
 from cp_deploy.bundle import Bundle
-from cp_deploy.io import IMAGE_EXTENSIONS, read_image, read_mask
+from cp_deploy.errors import DataError
+from cp_deploy.files import IMAGE_EXTENSIONS, atomic_write_bytes, read_image, read_mask
 from cp_deploy.preprocess import preprocess_image, resize_longest_side, to_rgb_uint8
 from cp_train import distributed
-
-
-class DataError(RuntimeError):
-    """A dataset or split that cannot be trained on; the message names the file and the fix."""
-
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "curriculum-prompting"
 
@@ -206,9 +202,9 @@ class EmbeddingCache:
         x, _ = preprocess_image(sample.image, self.cfg)
         emb = self.encode(x[None])[0].to(torch.float16).cpu()
         self.encoder_calls += 1
-        tmp = p.with_suffix(f".{os.getpid()}.tmp")  # ranks sharing the folder never share a temp file
-        torch.save(emb, tmp)
-        tmp.replace(p)
+        buf = io.BytesIO()
+        torch.save(emb, buf)
+        atomic_write_bytes(p, buf.getvalue())  # a unique temporary, so ranks sharing the folder never collide
         return emb
 
     def fill(self, samples: list[Sample], progress: bool = True) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from cp_deploy.bundle import Bundle, load_bundle, update_spec
 from cp_deploy.engines.torch import TorchEngine
-from cp_deploy.io import discover_images, read_image, read_mask
+from cp_deploy.files import discover_images, read_image, read_mask
 from cp_deploy.metrics import dice, iou
 from cp_deploy.models.build import Models, build_models
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions

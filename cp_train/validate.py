@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cp_deploy.bundle import Bundle
+from cp_deploy.files import atomic_write_bytes
 from cp_deploy.models.build import Models
 from cp_deploy.pipeline import PipelineOptions
 from cp_train import distributed
@@ -76,5 +77,5 @@ def tune_detection(bundle: Bundle, net: nn.Module, val: ValidationSet, metric: s
             best = (g, r["mDice"])
     if log is not None and distributed.is_main():
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_bytes(log, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     return best[0]

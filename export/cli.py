@@ -9,30 +9,29 @@ from pathlib import Path
 
 import numpy as np
 
-from cp_deploy.bundle import BundleError
-from cp_deploy.engines.manifest import EngineError
-from cp_deploy.io import InputError
-from cp_deploy.models.weights import WeightsError
-from export.parity import ParityError, Tolerance
+from cp_deploy.bundle import load_bundle
+from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
+from cp_deploy.engines.torch import TorchEngine
+from cp_deploy.engines.trt import TensorRTEngine
+from cp_deploy.errors import CPError, ParityError
+from cp_deploy.files import discover_images, read_image
+from cp_deploy.models.build import build_models
+from export.onnx import export_onnx, sample_inputs, write_manifest
+from export.parity import Tolerance, check_parity, synthetic_images
+from export.trt import build_trt
 
 
 def _images(folder: str | None, n: int = 4) -> tuple[list[np.ndarray], str]:
     """Real images from ``folder`` (at most 8), else seeded synthetic ones."""
-    from cp_deploy.io import discover_images, read_image
 
     if folder:
         files = discover_images(folder)[:8]
         return [read_image(Path(folder) / f) for f in files], f"{len(files)} images from {folder}"
-    from export.parity import synthetic_images
 
     return synthetic_images(n), f"{n} synthetic images"
 
 
 def _parity(bundle, engine, args, random_run) -> dict:
-    from cp_deploy.engines.torch import TorchEngine
-    from export.onnx import sample_inputs
-    from export.parity import check_parity
-
     torch_engine = TorchEngine(bundle, device="cuda" if engine.device.type == "cuda" else "cpu")
     images, source = _images(args.images)
     random_inputs = sample_inputs(bundle, torch_engine.models, batch=3, instances=5, points=10, seed=1)
@@ -47,8 +46,6 @@ def _parity(bundle, engine, args, random_run) -> dict:
 
 
 def _finish(out: Path, parity: dict) -> int:
-    from export.onnx import write_manifest
-
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["parity"] = parity
     write_manifest(out, manifest)
@@ -59,11 +56,6 @@ def _finish(out: Path, parity: dict) -> int:
 
 
 def _onnx(args: argparse.Namespace) -> int:
-    from cp_deploy.bundle import load_bundle
-    from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
-    from cp_deploy.models.build import build_models
-    from export.onnx import export_onnx
-
     bundle = load_bundle(args.bundle)
     out = Path(args.out) if args.out else bundle.root / "onnx"
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
@@ -76,10 +68,6 @@ def _onnx(args: argparse.Namespace) -> int:
 
 
 def _trt(args: argparse.Namespace) -> int:
-    from cp_deploy.bundle import load_bundle
-    from cp_deploy.engines.trt import TensorRTEngine
-    from export.trt import build_trt
-
     out = Path(args.out)
     manifest = build_trt(args.onnx, out, fp16=args.fp16, max_batch=args.max_batch, max_instances=args.max_instances,
                          max_points=args.max_points, workspace_gb=args.workspace)
@@ -140,12 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ParityError as e:
+    except CPError as e:  # ParityError: exit 1; a usage error: exit 2
         print(f"cp-export: error: {e}", file=sys.stderr)
-        return 1
-    except (BundleError, EngineError, InputError, WeightsError) as e:
-        print(f"cp-export: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

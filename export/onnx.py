@@ -36,7 +36,7 @@ from torch import nn
 
 from cp_deploy.bundle import Bundle
 from cp_deploy.engines.manifest import GRAPHS, MANIFEST_FILE, TensorSpec, bundle_sources
-from cp_deploy.io import atomic_write_bytes
+from cp_deploy.files import atomic_write_bytes
 from cp_deploy.models.build import Models
 from cp_deploy.models.registry import detector_family
 from cp_deploy.models.weights import sha256_file
@@ -187,9 +187,13 @@ def export_graph(name: str, module: nn.Module, inputs: dict[str, torch.Tensor], 
     data = path.name + ".data"
     for stale in (path, path.with_name(data)):
         stale.unlink(missing_ok=True)
-    onnx.save_model(model, str(tmp), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=data, size_threshold=1024)
-    os.replace(tmp, path)
+    if external:  # onnx writes the weights file itself, beside the graph it names it in
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        os.replace(tmp, path)
+    else:
+        atomic_write_bytes(path, model.SerializeToString())
+        tmp.unlink(missing_ok=True)
     if external:
         onnx.checker.check_model(str(path))
     else:

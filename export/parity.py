@@ -1,7 +1,6 @@
 """Parity of an exported engine against the torch engine: per-graph logits and final masks.
 
 Three checks, all run by ``cp-export`` after every export:
-
 * **random**: each graph on random inputs of valid shape (batch and instance counts other than
   the ones traced), max abs difference of every output;
 * **real**: the torch pipeline runs on real images while every engine call is recorded; each
@@ -22,10 +21,7 @@ from cp_deploy.engines.base import Engine
 from cp_deploy.metrics import dice
 from cp_deploy.models.build import Models
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
-
-
-class ParityError(RuntimeError):
-    """An exported engine disagrees with torch beyond the tolerance."""
+from export.onnx import graph_modules
 
 
 @dataclass
@@ -134,8 +130,6 @@ def check_parity(
         rep.scale[graph] = max(rep.scale.get(graph, 0.0), scale)
 
     if random_inputs is not None and run_graph is not None:
-        from export.onnx import graph_modules
-
         modules = graph_modules(bundle, models)  # the fp32 reference, whatever the engine's precision
         for graph, feeds in random_inputs.items():
             dev = next(modules[graph].parameters()).device

@@ -19,10 +19,13 @@ import shutil
 import time
 from pathlib import Path
 
-from cp_deploy.engines.manifest import GRAPHS, EngineError, check_graph_files, read_manifest
-from cp_deploy.io import atomic_write_bytes
+from cp_deploy.bundle import load_bundle
+from cp_deploy.engines.manifest import GRAPHS, check_graph_files, read_manifest
+from cp_deploy.errors import EngineError
+from cp_deploy.files import atomic_write_bytes
+from cp_deploy.models.build import build_models
 from cp_deploy.models.weights import sha256_file
-from export.onnx import write_manifest
+from export.onnx import export_onnx, write_manifest
 
 
 def import_tensorrt():
@@ -117,9 +120,5 @@ def build_trt(onnx_dir: str | Path, out: str | Path, fp16: bool = False, max_bat
 
 
 def _export_fp16(bundle_dir: str, out: Path, progress: bool) -> None:
-    from cp_deploy.bundle import load_bundle
-    from cp_deploy.models.build import build_models
-    from export.onnx import export_onnx
-
     bundle = load_bundle(bundle_dir)
     export_onnx(bundle, build_models(bundle), out, precision="fp16", progress=progress)

@@ -49,7 +49,7 @@ def batch_on_torch_and_onnxruntime(bundle, graphs: Path, tmp_path: Path, n: int)
     """``cp-deploy batch`` on ``n`` images with the torch engine and with onnxruntime on ``graphs``;
     checks that their masks agree and returns both output folders."""
     from cp_deploy.cli import main as deploy_main
-    from cp_deploy.io import read_mask
+    from cp_deploy.files import read_mask
 
     make_images(tmp_path / "in", n)
     common = ["batch", "--input", str(tmp_path / "in"), "--bundle", str(bundle.root), "--no-progress"]

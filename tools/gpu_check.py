@@ -29,12 +29,15 @@ import torch
 
 from cp_bench.results import write_json
 from cp_bench.speed import run_ours, sync
+from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
 from cp_deploy.engines.torch import TorchEngine
+from cp_deploy.engines.trt import TensorRTEngine
 from cp_deploy.models.build import build_models, init_bundle
 from cp_deploy.models.registry import keypoint_family
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 from export.onnx import export_onnx, sample_inputs
 from export.parity import Tolerance, check_parity, synthetic_images
+from export.trt import build_trt
 
 # A random detector scores near its prior; threshold 0 with at least one instance exercises
 # every stage on every image.
@@ -96,8 +99,6 @@ def check_bundle(name: str, bundle, out: Path, rows: list[dict], n_images: int) 
 
     import onnxruntime
 
-    from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
-
     ort_dev = "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
     row(f"onnxruntime-{ort_dev}", "fp32", lambda: OnnxRuntimeEngine(bundle, device=ort_dev, onnx_dir=onnx_dir),
         lambda e: e.run)
@@ -106,8 +107,6 @@ def check_bundle(name: str, bundle, out: Path, rows: list[dict], n_images: int) 
     except ImportError:
         rows.append({"bundle": name, "engine": "trt", "passed": None, "error": "tensorrt does not import here"})
         return
-    from cp_deploy.engines.trt import TensorRTEngine
-    from export.trt import build_trt
 
     for fp16 in (False, True):
         prec = "fp16" if fp16 else "fp32"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cp_deploy.bundle import weightless_copy
-from cp_deploy.io import atomic_write_bytes, encode_image
+from cp_deploy.files import atomic_write_bytes, encode_image
 from cp_train.data import load_samples, read_split
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from cp_bench.results import write_json
 from cp_deploy.bundle import default_bundle_path, load_bundle
 from cp_deploy.engines.torch import TorchEngine
-from cp_deploy.io import discover_images, read_image
+from cp_deploy.files import discover_images, read_image
 from cp_deploy.preprocess import to_rgb_uint8
 from export.parity import Tolerance, check_parity
 

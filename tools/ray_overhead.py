@@ -23,7 +23,7 @@ from cp_bench.results import write_json
 from cp_deploy.executors import PipelineFactory
 from cp_deploy.executors.local import run_folder
 from cp_deploy.executors.ray import run_folder_ray
-from cp_deploy.io import discover_images
+from cp_deploy.files import discover_images
 
 
 def _inputs(src: Path, n: int, dst: Path) -> Path:

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from cp_deploy.bundle import Bundle
 from cp_deploy.engines.base import Engine
+from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
+from cp_deploy.engines.torch import TorchEngine
+from cp_deploy.engines.trt import TensorRTEngine
 
 ENGINES = ("torch", "onnxruntime", "trt")
 
@@ -16,15 +19,9 @@ def create_engine(name: str, bundle: Bundle, device: str = "cpu", graphs: str | 
     (default: ``BUNDLE/onnx`` or ``BUNDLE/trt``); ``precision`` and ``compile`` are the torch
     engine's (exported graphs carry their own precision). Optional engines name their extra."""
     if name == "torch":
-        from cp_deploy.engines.torch import TorchEngine
-
         return TorchEngine(bundle, device=device, precision=precision, compile=compile)
     if name == "onnxruntime":
-        from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
-
         return OnnxRuntimeEngine(bundle, device=device, onnx_dir=graphs, threads=threads)
     if name == "trt":
-        from cp_deploy.engines.trt import TensorRTEngine
-
         return TensorRTEngine(bundle, device="cuda" if device == "cpu" else device, engine_dir=graphs)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

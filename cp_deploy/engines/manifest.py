@@ -13,15 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cp_deploy.bundle import Bundle
+from cp_deploy.errors import EngineError
 from cp_deploy.models.registry import detector_family
 from cp_deploy.models.weights import sha256_file
 
 MANIFEST_FILE = "manifest.json"
 GRAPHS = ("encoder", "detector", "keypoints", "box", "refine")
-
-
-class EngineError(RuntimeError):
-    """Exported graphs or engines cannot serve this run; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import torch
 
 from cp_deploy.bundle import Bundle
 from cp_deploy.engines.graphs import GraphEngine
-from cp_deploy.engines.manifest import GRAPHS, EngineError, load_graph_folder, resolve_shape
+from cp_deploy.engines.manifest import GRAPHS, load_graph_folder, resolve_shape
+from cp_deploy.errors import EngineError
 
 _DTYPES = {"float32": (np.float32, torch.float32), "int64": (np.int64, torch.int64)}
 

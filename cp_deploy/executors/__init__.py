@@ -4,15 +4,14 @@ through a Ray Data actor pool. Both build the pipeline with :class:`PipelineFact
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from cp_deploy.bundle import BUNDLE_FILE, Bundle, PromptSettings, load_bundle
-from cp_deploy.engines import create_engine
 from cp_deploy.engines.manifest import MANIFEST_FILE
-from cp_deploy.io import InputError
+from cp_deploy.errors import InputError
 from cp_deploy.models.weights import sha256_file
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 
@@ -93,7 +92,6 @@ class PipelineFactory:
         """The pipeline; ``bundle``: this factory's bundle when the caller has loaded it already."""
         if self.threads:
             torch.set_num_threads(self.threads)
-        bundle = bundle or load_bundle(self.bundle)
-        engine = create_engine(self.engine, bundle, device=self.device, graphs=self.graphs, threads=self.threads,
-                               precision=self.precision, compile=self.compile)
-        return CurriculumPipeline(bundle, engine, self.options)
+        return CurriculumPipeline.from_bundle(bundle or self.bundle, self.engine, self.device, graphs=self.graphs,
+                                              threads=self.threads, precision=self.precision, compile=self.compile,
+                                              **asdict(self.options))

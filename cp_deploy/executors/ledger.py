@@ -15,7 +15,7 @@ import numpy as np
 from cp_deploy.executors.core import FileWork
 from cp_deploy.executors.output import write_run_info
 from cp_deploy.executors.records import RunSummary
-from cp_deploy.io import RunJournal
+from cp_deploy.journal import RunJournal
 
 
 class Ledger:

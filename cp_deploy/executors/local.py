@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cp_deploy.bundle import load_bundle
+from cp_deploy.errors import WriteFailed
 from cp_deploy.executors import PipelineFactory, pipeline_settings
 from cp_deploy.executors.core import (
     FileWork,
@@ -35,7 +36,7 @@ from cp_deploy.executors.core import (
     work_for,
 )
 from cp_deploy.executors.ledger import Ledger
-from cp_deploy.executors.output import WriteFailed, claim_output
+from cp_deploy.executors.output import claim_output
 from cp_deploy.executors.records import RunSummary
 from cp_deploy.formats import Decoded, ReadOptions
 from cp_deploy.pipeline import CurriculumPipeline, ImageResult

@@ -9,7 +9,6 @@ the run ends; the kernel drops the lock with the process, so a killed run never 
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -21,24 +20,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cp_deploy.io import JOURNAL_FILE, RESULTS_FILE, InputError, atomic_write_bytes
+from cp_deploy.errors import InputError
+from cp_deploy.files import atomic_write_bytes
+from cp_deploy.journal import JOURNAL_FILE, RESULTS_FILE
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".cp-deploy.lock"
 PROBE_FILE = ".cp-deploy.probe"
 # Everything a run or `cp-deploy eval | report` writes; --overwrite removes these and nothing else.
 OWNED = ("masks", "overlays", RESULTS_FILE, JOURNAL_FILE, RUN_FILE, "eval.csv", "report.html")
-
-
-class WriteFailed(RuntimeError):
-    """Writing an output failed mid-run (a full disk); the journal keeps what was finished."""
-
-    @classmethod
-    def of(cls, e: BaseException) -> WriteFailed:
-        if not isinstance(e, OSError):
-            return cls(f"writing outputs failed: {e!r}; fix that, then rerun with --resume")
-        fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make the output folder writable"
-        return cls(f"{e.filename}: cannot write ({e.strerror}); {fix}, then rerun with --resume")
 
 
 def read_run_info(out: Path, problems: list[str] | None = None) -> dict:

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cp_deploy import MissingExtraError
+from cp_deploy.errors import MissingExtraError, WriteFailed
 from cp_deploy.executors import PipelineFactory, core
 from cp_deploy.executors.core import FileWork, WorkItem, WriteBack
 from cp_deploy.executors.ledger import Ledger
-from cp_deploy.executors.output import WriteFailed, claim_output
+from cp_deploy.executors.output import claim_output
 from cp_deploy.executors.records import RunSummary
 from cp_deploy.formats import ReadOptions
 

@@ -8,22 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cp_deploy.io import MAX_PIXELS, InputError
+from cp_deploy.files import MAX_PIXELS
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
-EXTRA_HINT = "pip install 'curriculum-prompting[{extra}]'"
-
-
-class MissingExtraError(InputError):
-    """A format needs an optional dependency that is not installed; the message names the extra."""
-
-    def __init__(self, path: Path | str, what: str, extra: str) -> None:
-        super().__init__(
-            f"{path}: reading {what} needs the '{extra}' extra, which is not installed; "
-            f"run: {EXTRA_HINT.format(extra=extra)}"
-        )
-        self.extra = extra
 
 
 @dataclass

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cp_deploy.formats.base import EXTRA_HINT, Decoded, MissingExtraError, ReadOptions
-from cp_deploy.io import InputError, check_pixel_budget
+from cp_deploy import __version__
+from cp_deploy.errors import EXTRA_HINT, InputError, MissingExtraError
+from cp_deploy.files import check_pixel_budget
+from cp_deploy.formats.base import Decoded, ReadOptions
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -185,7 +187,7 @@ def read_dicom(path: str | Path, options: ReadOptions | None = None) -> Decoded:
     options = options or ReadOptions()
     pydicom = _import_pydicom()
     if pydicom is None:
-        raise MissingExtraError(path, "DICOM files", EXTRA)
+        raise MissingExtraError.for_file(path, "DICOM files", EXTRA)
     try:
         ds = pydicom.dcmread(path, force=False)
     except Exception as e:
@@ -323,9 +325,7 @@ def segmentation_bytes(source: Dataset, masks: list[np.ndarray], label: str = "c
         import highdicom as hd
         from pydicom.sr.codedict import codes
     except ImportError:
-        raise MissingExtraError("DICOM-SEG", "writing DICOM-SEG", EXTRA) from None
-    from cp_deploy import __version__
-
+        raise MissingExtraError.for_file("DICOM-SEG", "writing DICOM-SEG", EXTRA) from None
     _quiet_libraries()
     bad = _invalid_copied_element(source)
     if bad:

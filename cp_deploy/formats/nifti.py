@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cp_deploy.formats.base import Decoded, MissingExtraError, ReadOptions
-from cp_deploy.io import InputError, check_pixel_budget
+from cp_deploy.errors import InputError, MissingExtraError
+from cp_deploy.files import check_pixel_budget
+from cp_deploy.formats.base import Decoded, ReadOptions
 
 EXTRA = "nifti"
 AXIS_NAMES = "xyz"
@@ -46,7 +47,7 @@ def read_nifti(path: str | Path, options: ReadOptions | None = None) -> Decoded:
     try:
         import nibabel as nib
     except ImportError:
-        raise MissingExtraError(path, "NIfTI files", EXTRA) from None
+        raise MissingExtraError.for_file(path, "NIfTI files", EXTRA) from None
     try:
         img = nib.load(str(path))  # reads the header only
     except Exception as e:

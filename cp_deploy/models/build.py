@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cp_deploy.bundle import BUNDLE_FILE, Bundle, BundleError, write_bundle
+from cp_deploy.bundle import BUNDLE_FILE, Bundle, write_bundle
+from cp_deploy.errors import BundleError
 from cp_deploy.models.families.grounding_dino import write_synthetic_vocab
 from cp_deploy.models.registry import (
     BuildContext,

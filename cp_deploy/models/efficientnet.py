@@ -12,7 +12,8 @@ import timm
 import torch
 from torch import nn
 
-from cp_deploy.models.weights import WeightsError, load_strict, read_state_dict
+from cp_deploy.errors import WeightsError
+from cp_deploy.models.weights import load_strict, read_state_dict
 
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from cp_deploy.models.weights import WeightsError, load_strict, read_state_dict
+from cp_deploy.bundle import SAM_ARCHS
+from cp_deploy.errors import WeightsError
+from cp_deploy.models.weights import load_strict, read_state_dict
 from cp_deploy.preprocess import PreprocessConfig
 
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
@@ -30,7 +32,6 @@ _VIT = {
     "tiny": dict(embed_dim=64, depth=2, num_heads=2, global_attn=(1,), img_size=128, window=4,
                  prompt_dim=32, mlp_dim=64, decoder_heads=2),
 }
-SAM_ARCHS = (*_VIT, "lite_medsam")
 
 
 def _heads(prompt_dim: int, img_size: int, emb_size: int, mlp_dim: int, decoder_heads: int):

@@ -11,11 +11,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from cp_deploy.io import atomic_write_bytes
-
-
-class WeightsError(RuntimeError):
-    """A weight file is missing, corrupt, or does not fit its model."""
+from cp_deploy.errors import WeightsError
+from cp_deploy.files import atomic_write_bytes
 
 
 def sha256_file(path: str | Path) -> str:

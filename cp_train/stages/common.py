@@ -19,10 +19,6 @@ from cp_train.trainers.sam import InstanceTargets, instance_targets
 from cp_train.validate import ValidationSet
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot be trained from the given base; the message says the fix."""
-
-
 def work_dir(out: Path, work: Path | None) -> Path:
     """Where a stage keeps its checkpoints and logs: ``work``, by default OUT-work."""
     return Path(work) if work is not None else Path(f"{out}-work")

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from cp_deploy.bundle import Bundle, StageSpec
+from cp_deploy.errors import RecipeError
 from cp_deploy.models.build import stage_entry
 from cp_deploy.models.registry import BuildContext, DetectorFamily, build_detector, detector_family
 from cp_deploy.preprocess import PreprocessConfig
 from cp_train.data import Dataset
-from cp_train.stages.common import RecipeError, Setup, finish, setup, work_dir
+from cp_train.stages.common import Setup, finish, setup, work_dir
 from cp_train.trainers.detector import embedding_batches, image_batches, make_train_epoch
 from cp_train.trainers.loop import LoopConfig, fit
 from cp_train.validate import tune_detection, validate_detector

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cp_deploy.preprocess import Frame, PreprocessConfig, preprocess_image
+from cp_deploy.preprocess import Geometry, PreprocessConfig, preprocess_image
 from cp_train.data import Sample, augment
 from cp_train.targets import mask_instances
 from cp_train.trainers.loop import shuffled_epoch
@@ -49,7 +49,7 @@ def image_batches(samples: list[Sample], cfg: PreprocessConfig, workers: int = 1
 def embedding_batches(samples: list[Sample], embeddings: torch.Tensor, cfg: PreprocessConfig
                       ) -> Callable[[np.ndarray, np.random.Generator], Batch]:
     """Batches for a detector on the cached embedding (no augmentation: the cache is fixed)."""
-    boxes = [torch.from_numpy(Frame.for_image(s.mask.shape, cfg.image_size).boxes_to_input(_boxes(s.mask)))
+    boxes = [torch.from_numpy(Geometry.for_image(s.mask.shape, cfg.image_size).boxes_to_input(_boxes(s.mask)))
              for s in samples]
 
     def batch(idx: np.ndarray, rng: np.random.Generator) -> Batch:

@@ -16,12 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cp_deploy.io import atomic_write_bytes
+from cp_deploy.errors import CheckpointError
+from cp_deploy.files import atomic_write_bytes
 from cp_train import distributed
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that ``--resume`` cannot use; the message names the file and the fix."""
 
 
 @dataclass

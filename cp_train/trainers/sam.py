@@ -13,7 +13,7 @@ import torch
 
 from cp_deploy.models.keypoints import expand_boxes, image_to_heatmap
 from cp_deploy.models.sam import PromptHead
-from cp_deploy.preprocess import Frame, PreprocessConfig, preprocess_image
+from cp_deploy.preprocess import Geometry, PreprocessConfig, preprocess_image
 from cp_train.data import Sample, jitter_boxes, lowres_target, photometric
 from cp_train.losses import dice_bce, gaussian_heatmap_ce
 from cp_train.targets import mask_instances
@@ -28,13 +28,13 @@ class InstanceTargets:
     boxes: np.ndarray  # Nx4
     points: np.ndarray  # Nx8x2
     masks: torch.Tensor  # Nxlxl
-    frames: list[Frame]
+    frames: list[Geometry]
 
 
 def instance_targets(samples: list[Sample], image_size: int, low_size: int) -> InstanceTargets:
     image, boxes, points, masks, frames = [], [], [], [], []
     for i, s in enumerate(samples):
-        fr = Frame.for_image(s.mask.shape, image_size)
+        fr = Geometry.for_image(s.mask.shape, image_size)
         frames.append(fr)
         for inst in mask_instances(s.mask):
             image.append(i)

@@ -11,7 +11,7 @@ from cp_bench import memory
 from cp_bench.accuracy import ROWS
 from cp_bench.cli import main as bench_main
 from cp_deploy.cli import main as deploy_main
-from cp_deploy.io import RESULTS_FILE
+from cp_deploy.journal import RESULTS_FILE
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from cp_deploy.io import read_mask
+from cp_deploy.files import read_mask
 from cp_train.data import load_samples, read_split
 from tools.pack_split import pack
 

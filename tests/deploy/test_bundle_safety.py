@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cp_deploy.bundle import BUNDLE_FILE, BundleError, default_bundle_path, load_bundle, write_bundle
+from cp_deploy.bundle import BUNDLE_FILE, default_bundle_path, load_bundle, write_bundle
 from cp_deploy.cli import main
+from cp_deploy.errors import BundleError, WeightsError
 from cp_deploy.models.build import build_models, init_bundle
-from cp_deploy.models.weights import WeightsError, read_state_dict, sha256_file
+from cp_deploy.models.weights import read_state_dict, sha256_file
 from tests.conftest import make_images
 
 

@@ -14,11 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
-from cp_deploy.bundle import BundleError, load_bundle
+from cp_deploy.bundle import load_bundle
 from cp_deploy.cli import build_parser, main
 from cp_deploy.engines.torch import TorchEngine
+from cp_deploy.errors import BundleError
 from cp_deploy.executors.local import run_folder
-from cp_deploy.io import RunJournal
+from cp_deploy.journal import RunJournal
 from cp_deploy.pipeline import CurriculumPipeline
 from tests.conftest import make_images
 

@@ -9,7 +9,7 @@ import pytest
 
 from cp_deploy.bundle import load_bundle
 from cp_deploy.engines.torch import TorchEngine
-from cp_deploy.io import read_image, read_mask
+from cp_deploy.files import read_image, read_mask
 from cp_deploy.metrics import dice
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 from cp_train.targets import mask_instances
@@ -43,7 +43,7 @@ def test_default_bundle_reproduces_its_recorded_examples_score(default_engine):
 
     bundle, _ = default_engine
     recorded = bundle.metadata.get("examples")
-    assert recorded, "the default bundle records no examples score (python -m cp_train.evaluate --bundle ...)"
+    assert recorded, "the default bundle records no examples score (cp-train evaluate --bundle ...)"
     assert bundle.metadata.get("trained"), "the default bundle should be the trained one"
     scores = score_folder(bundle, EXAMPLES)
     assert abs(scores["mDice"] - recorded["mDice"]) <= 0.01, (scores, recorded)

@@ -21,8 +21,8 @@ hd = pytest.importorskip("highdicom", reason="needs the 'dicom' extra (make test
 pytest.importorskip("nibabel", reason="needs the 'nifti' extra (make test installs it)")  # for test_formats
 
 from cp_deploy.cli import main  # noqa: E402
+from cp_deploy.files import InputError  # noqa: E402
 from cp_deploy.formats import ReadOptions, read_input  # noqa: E402
-from cp_deploy.io import InputError  # noqa: E402
 from tests.deploy.test_formats import _lines, ct_pixels, enhanced_ct, make_dicom  # noqa: E402
 
 BAD_DATE, BAD_NAME, ODD_NAME = "19XX-bad", "Doe Jane", "Roe Richard"  # names without '^'

@@ -32,10 +32,11 @@ from pydicom.uid import (  # noqa: E402
 
 from cp_deploy.cli import main  # noqa: E402
 from cp_deploy.engines.torch import TorchEngine  # noqa: E402
+from cp_deploy.errors import InputError, MissingExtraError  # noqa: E402
 from cp_deploy.executors.local import run_folder  # noqa: E402
-from cp_deploy.formats import MissingExtraError, ReadOptions, is_input_file, read_input  # noqa: E402
+from cp_deploy.files import discover_images  # noqa: E402
+from cp_deploy.formats import ReadOptions, discover_inputs, is_input_file, read_input  # noqa: E402
 from cp_deploy.formats.nifti import default_slice_axis, image_to_slice, slice_to_image  # noqa: E402
-from cp_deploy.io import InputError, discover_images  # noqa: E402
 from cp_deploy.pipeline import CurriculumPipeline  # noqa: E402
 from tests.conftest import make_images  # noqa: E402
 
@@ -223,7 +224,7 @@ def test_discovery_finds_dicom_by_preamble_and_nifti(tmp_path):
     (tmp_path / "notes.txt").write_text("x" * 200)
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 2), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((4, 5), np.float32), np.eye(4)), tmp_path / "p.nii")
-    found = [p.as_posix() for p in discover_images(tmp_path, medical=True)]
+    found = [p.as_posix() for p in discover_inputs(tmp_path)]
     assert found == ["1.2.826.0.1.3680043.8.498.1", "IM000001", "p.nii", "v.nii.gz"]
     with pytest.raises(InputError, match="no images found"):
         discover_images(tmp_path)  # plain discovery (eval's) still takes images only

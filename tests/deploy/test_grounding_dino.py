@@ -14,10 +14,11 @@ from tests.conftest import GDINO_SIZE, TINY_GDINO, batch_on_torch_and_onnxruntim
 
 pytest.importorskip("transformers", reason="the gdino extra is not installed: pip install '.[gdino]'")
 
+from cp_deploy.errors import BundleError, WeightsError
 from cp_deploy.models.build import build_models  # noqa: E402
 from cp_deploy.models.families.grounding_dino import text_masks  # noqa: E402
 from cp_deploy.models.registry import BuildContext, build_detector, decode_detections, detector_family  # noqa: E402
-from cp_deploy.models.weights import WeightsError, load_strict, read_state_dict  # noqa: E402
+from cp_deploy.models.weights import load_strict, read_state_dict  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_local_weights_directory_gives_transformers_own_outputs(vocab, tmp_path)
     cx, cy, w, h = (ref.pred_boxes * GDINO_SIZE).unbind(-1)
     torch.testing.assert_close(raw["boxes"], torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1),
                                atol=1e-4, rtol=1e-5)
-    with pytest.raises(FileNotFoundError, match="pretrained directory not found"):
+    with pytest.raises(BundleError, match="pretrained directory not found"):
         build_detector("grounding_dino", {"pretrained": "nowhere"}, BuildContext("polyp", tmp_path))
 
 
@@ -205,8 +206,8 @@ def test_grounding_dino_and_topdown_bundle_runs_on_torch_and_onnxruntime(gdino_b
 def test_graphs_of_another_prompt_are_refused(gdino_bundle, gdino_onnx, tmp_path):
     import dataclasses
 
-    from cp_deploy.engines.manifest import EngineError
     from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
+    from cp_deploy.errors import EngineError
 
     other = dataclasses.replace(gdino_bundle, prompt=dataclasses.replace(gdino_bundle.prompt, text="lesion"))
     with pytest.raises(EngineError, match=r"prompt\.text differ"):

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from cp_deploy.bundle import BUNDLE_FILE, load_bundle, write_bundle
+from cp_deploy.errors import WeightsError
 from cp_deploy.models.build import build_models, init_bundle
 from cp_deploy.models.families.topdown_heatmap import TopDownHeatmapNet, load_backbone
 from cp_deploy.models.keypoints import decode_heatmaps
 from cp_deploy.models.registry import build_keypoint_net, keypoint_family
-from cp_deploy.models.weights import WeightsError, save_state_dict
+from cp_deploy.models.weights import save_state_dict
 from tests.conftest import TINY_PROMPT, TOPDOWN_TINY, batch_on_torch_and_onnxruntime
 
 CONFIG = TOPDOWN_TINY

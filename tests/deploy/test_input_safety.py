@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from cp_deploy.cli import main
+from cp_deploy.errors import InputError
+from cp_deploy.files import read_image, read_mask
 from cp_deploy.formats import ReadOptions, read_input
-from cp_deploy.io import InputError, read_image, read_mask
 from tests.conftest import make_images
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cp_deploy.io import RESULTS_FILE, RunJournal
+from cp_deploy.journal import RESULTS_FILE, RunJournal
 
 
 def _rec(i: int) -> dict:

@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
+from cp_deploy.errors import WeightsError
 from cp_deploy.models.centernet import decode_centernet
 from cp_deploy.models.keypoints import decode_heatmaps, heatmap_to_image, image_to_heatmap
 from cp_deploy.models.registry import build_detector
 from cp_deploy.models.sam import build_sam
-from cp_deploy.models.weights import WeightsError, load_strict
+from cp_deploy.models.weights import load_strict
 
 
 def test_keypoint_subpixel_decoding():
@@ -123,3 +124,10 @@ def test_bf16_engine_agrees_with_fp32(tiny_bundle):
             scale = max(1.0, float(np.abs(r.low_res_logits).max()))
             assert np.abs(g.low_res_logits - r.low_res_logits).max() < 0.1 * scale
         assert (g.mask == r.mask).mean() > 0.97
+
+
+def test_every_sam_arch_a_bundle_may_name_is_built():
+    from cp_deploy.bundle import SAM_ARCHS
+    from cp_deploy.models import sam
+
+    assert set(SAM_ARCHS) == {*sam._VIT, "lite_medsam"}

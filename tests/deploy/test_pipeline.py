@@ -25,7 +25,7 @@ from cp_deploy.pipeline import (
     StageTimer,
     stage_timers,
 )
-from cp_deploy.preprocess import Frame, PreprocessConfig
+from cp_deploy.preprocess import Geometry, PreprocessConfig
 
 
 @pytest.fixture(scope="module")
@@ -215,11 +215,11 @@ def test_stage_timer_accumulates_its_blocks():
 
 
 def test_batched_transforms_equal_the_per_instance_ones():
-    """Resize maps a whole batch exactly as Frame maps one instance at a time (same float64
+    """Resize maps a whole batch exactly as Geometry maps one instance at a time (same float64
     arithmetic, so the float32 results are identical)."""
     rng = np.random.default_rng(0)
     sizes = [(546, 626), (131, 77), (1080, 1920), (64, 64)]
-    geometry = [Frame.for_image(s, 256) for s in sizes]
+    geometry = [Geometry.for_image(s, 256) for s in sizes]
     image = torch.as_tensor(rng.integers(0, len(sizes), 40))
     xy = rng.uniform(-20, 2000, (40, 2, 2)).astype(np.float32)
     boxes = torch.as_tensor(np.concatenate([xy.min(1), xy.max(1)], 1))
@@ -233,8 +233,8 @@ def test_batched_transforms_equal_the_per_instance_ones():
     np.testing.assert_array_equal(r.boxes_to_model(boxes).numpy(), each(lambda g, b: g.boxes_to_input(b)[0], boxes))
     np.testing.assert_array_equal(r.boxes_to_image(boxes).numpy(),
                                   each(lambda g, b: g.boxes_to_original(b)[0], boxes))
-    np.testing.assert_array_equal(r.points_to_model(points).numpy(), each(Frame.coords_to_input, points))
-    np.testing.assert_array_equal(r.points_to_image(points).numpy(), each(Frame.coords_to_original, points))
+    np.testing.assert_array_equal(r.points_to_model(points).numpy(), each(Geometry.coords_to_input, points))
+    np.testing.assert_array_equal(r.points_to_image(points).numpy(), each(Geometry.coords_to_original, points))
 
 
 def test_batch_preprocesses_once_per_config(tiny_bundle):

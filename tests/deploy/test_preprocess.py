@@ -3,11 +3,11 @@ import pytest
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from cp_deploy.preprocess import Frame, PreprocessConfig, postprocess_masks, preprocess_image, to_rgb_uint8
+from cp_deploy.preprocess import Geometry, PreprocessConfig, postprocess_masks, preprocess_image, to_rgb_uint8
 
 
 def test_frame_matches_resize_longest_side():
-    fr = Frame.for_image((531, 490), 1024)
+    fr = Geometry.for_image((531, 490), 1024)
     ref = ResizeLongestSide(1024)
     pts = np.array([[10.0, 20.0], [489.0, 530.0]])
     np.testing.assert_allclose(fr.coords_to_input(pts), ref.apply_coords(pts, (531, 490)))
@@ -47,6 +47,6 @@ def test_minmax_and_meanstd_normalization():
 
 
 def test_postprocess_returns_original_size():
-    fr = Frame.for_image((101, 57), 64)
+    fr = Geometry.for_image((101, 57), 64)
     out = postprocess_masks(torch.zeros(2, 1, 16, 16), fr)
     assert out.shape == (2, 101, 57)

@@ -21,7 +21,7 @@ from cp_deploy.executors import PipelineFactory
 from cp_deploy.executors.local import run_folder
 from cp_deploy.executors.output import read_run_info
 from cp_deploy.executors.ray import run_folder_ray
-from cp_deploy.io import read_mask
+from cp_deploy.files import read_mask
 from cp_deploy.pipeline import CurriculumPipeline
 from tests.conftest import make_images
 

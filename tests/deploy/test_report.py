@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cp_deploy.cli import main
-from cp_deploy.io import read_mask
+from cp_deploy.files import read_mask
 from cp_deploy.metrics import dice
 from cp_deploy.report import STAGE_ORDER, build_report
 from tests.conftest import make_images

@@ -24,7 +24,8 @@ from cp_deploy.cli import main
 from cp_deploy.executors import PipelineFactory, core
 from cp_deploy.executors.local import run_folder
 from cp_deploy.executors.names import output_names
-from cp_deploy.io import RunJournal, atomic_write_bytes, remove_stale_temporaries
+from cp_deploy.files import atomic_write_bytes, remove_stale_temporaries
+from cp_deploy.journal import RunJournal
 from cp_deploy.pipeline import PipelineOptions
 from tests.conftest import make_images
 
@@ -233,8 +234,8 @@ def test_second_run_on_the_same_output_is_refused(tiny_bundle, tmp_path, capsys,
 def test_ray_driver_takes_the_same_lock(tiny_bundle, tmp_path, monkeypatch):
     import ray
 
+    from cp_deploy.errors import InputError
     from cp_deploy.executors.ray import run_folder_ray
-    from cp_deploy.io import InputError
 
     inp, out = tmp_path / "in", tmp_path / "out"
     make_images(inp, 1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cp_deploy.cli import main as deploy_main
-from cp_deploy.engines.manifest import EngineError
+from cp_deploy.errors import EngineError
 from cp_deploy.models.weights import sha256_file
 from export.cli import main as export_main
 from tests.conftest import make_images

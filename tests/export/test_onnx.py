@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cp_deploy.cli import main as deploy_main
-from cp_deploy.engines.manifest import EngineError
 from cp_deploy.engines.torch import TorchEngine
+from cp_deploy.errors import EngineError
 from cp_deploy.models.sam import PromptHead, build_sam, labelled_prompts
 from cp_deploy.models.weights import sha256_file
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
@@ -189,7 +189,7 @@ def test_default_bundle_export_and_examples(tmp_path):
     cp-export onnx (with its parity check on them), then cp-deploy batch --engine onnxruntime
     gives the torch engine's masks."""
     from cp_deploy.bundle import load_bundle
-    from cp_deploy.io import read_mask
+    from cp_deploy.files import read_mask
     from cp_deploy.metrics import dice
 
     out = tmp_path / "onnx"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cp_deploy.engines.manifest import EngineError
+from cp_deploy.errors import EngineError
 from export.trt import profile_shapes
 
 

@@ -14,6 +14,7 @@ import torch
 
 from cp_deploy.bundle import load_bundle, weightless_copy
 from cp_deploy.engines.torch import TorchEngine
+from cp_deploy.errors import RecipeError
 from cp_deploy.models.build import build_models
 from cp_deploy.models.centernet import centernet_targets, map_loss
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
@@ -120,7 +121,7 @@ def test_detector_trains_without_sam_on_box_validation(dataset, tmp_path):
 
 
 def test_box_validation_refuses_a_detector_on_the_embedding(dataset, tiny_bundle, tmp_path):
-    with pytest.raises(ValueError, match="box validation is for detectors that read the image"):
+    with pytest.raises(RecipeError, match="box validation is for detectors that read the image"):
         detector.train(tiny_bundle, _data(dataset, tmp_path), DetectorRecipe(arch="embedding_centernet",
                                                                              val_metric="boxes"), tmp_path / "b")
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cp_deploy import MissingExtraError
+from cp_deploy.errors import BundleError, MissingExtraError
+from cp_deploy.files import atomic_write_bytes
 from cp_deploy.models.registry import BuildContext, DetectorFamily, register
 
 GDINO_EXTRA = "pip install 'curriculum-prompting[gdino]'"
@@ -69,7 +70,7 @@ def load_tokenizer(path: str | Path):
     if path.is_dir():
         return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not path.is_file():
-        raise FileNotFoundError(f"grounding_dino tokenizer not found: {path} (a vocab.txt or a tokenizer directory)")
+        raise BundleError(f"grounding_dino tokenizer not found: {path} (a vocab.txt or a tokenizer directory)")
     vocab = {w: i for i, w in enumerate(path.read_text(encoding="utf-8").splitlines())}
     return transformers.BertTokenizerFast(vocab=vocab)
 
@@ -88,7 +89,7 @@ def write_synthetic_vocab(path: str | Path, size: int, words: tuple[str, ...] = 
     vocab += [f"[filler{i}]" for i in range(len(vocab), 1029)] + ["?"]
     vocab += [f"[filler{i}]" for i in range(len(vocab), size)]
     path = Path(path)
-    path.write_text("\n".join(vocab) + "\n")
+    atomic_write_bytes(path, ("\n".join(vocab) + "\n").encode("utf-8"))
     return path
 
 
@@ -124,7 +125,7 @@ class GroundingDinoDetector(nn.Module):
         transformers, _ = _modeling()
         if pretrained is not None:
             if not Path(pretrained).is_dir():
-                raise FileNotFoundError(f"grounding_dino pretrained directory not found: {pretrained}")
+                raise BundleError(f"grounding_dino pretrained directory not found: {pretrained}")
             model = transformers.GroundingDinoForObjectDetection.from_pretrained(str(pretrained),
                                                                                  local_files_only=True)
         elif model_config is not None:
