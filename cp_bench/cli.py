@@ -17,7 +17,7 @@ from pathlib import Path
 from cp_bench import accuracy, memory, speed
 from cp_bench.results import write_json
 from cp_deploy.bundle import load_bundle
-from cp_deploy.errors import CPError
+from cp_deploy.errors import run_command
 from cp_train.data import DEFAULT_CACHE_DIR, read_split
 
 
@@ -107,11 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    try:
-        return a.run(a)
-    except CPError as e:
-        print(f"cp-bench: error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_command("cp-bench", lambda: a.run(a))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cp_deploy.bundle import PROMPT_MODES
-from cp_deploy.errors import CPError, InputError
+from cp_deploy.errors import InputError, run_command
 from cp_deploy.executors import PipelineFactory, check_device
 from cp_deploy.executors.local import run_folder
 from cp_deploy.executors.ray import run_folder_ray
@@ -153,10 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except CPError as e:  # UsageError: exit 2; a failure mid-run (a full disk): exit 1
-        print(f"cp-deploy: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return run_command("cp-deploy", lambda: args.func(args))  # a full disk mid-run: exit 1; usage: 2
     except KeyboardInterrupt:
         print("cp-deploy: interrupted; finished images are saved, rerun with --resume to continue", file=sys.stderr)
         return 130

@@ -8,6 +8,8 @@ its traceback.
 from __future__ import annotations
 
 import errno
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 EXTRA_HINT = "pip install 'curriculum-prompting[{extra}]'"
@@ -78,3 +80,13 @@ class WriteFailed(CPError):
 
 class ParityError(CPError):
     """Exported graphs disagree with the torch engine beyond the tolerances."""
+
+
+def run_command(prog: str, command: Callable[[], int]) -> int:
+    """What every CLI does around its command: a :class:`CPError` becomes one line on stderr and
+    its exit code."""
+    try:
+        return command()
+    except CPError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code

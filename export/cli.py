@@ -13,7 +13,7 @@ from cp_deploy.bundle import load_bundle
 from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.engines.trt import TensorRTEngine
-from cp_deploy.errors import CPError, ParityError
+from cp_deploy.errors import ParityError, run_command
 from cp_deploy.files import discover_images, read_image
 from cp_deploy.models.build import build_models
 from export.onnx import export_onnx, sample_inputs, write_manifest
@@ -126,11 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except CPError as e:  # ParityError: exit 1; a usage error: exit 2
-        print(f"cp-export: error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_command("cp-export", lambda: args.func(args))  # ParityError: exit 1; usage: 2
 
 
 if __name__ == "__main__":
