@@ -28,7 +28,6 @@ FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 # The SAM architectures a bundle may name (cp_deploy.models.sam builds each).
 SAM_ARCHS = ("vit_h", "vit_l", "vit_b", "tiny", "lite_medsam")
-PROMPT_MODES = ("curriculum", "box", "points", "box+points", "box+mask")
 EDGE_LABELS = {"negative": 0, "positive": 1}
 # The keys each section may hold; anything else is a typo that would otherwise be ignored.
 TOP_KEYS = ("format_version", "name", "sam", "preprocess", "heads", "detector", "keypoints", "prompt", "metadata")

@@ -1,96 +1,99 @@
-"""``cp-deploy batch | eval | report``: thin argument parsing over the same functions a Python user calls."""
+"""``cp-deploy batch | eval | report``: thin argument parsing over the same functions a Python user calls.
+
+Only argparse-level modules are imported here, so ``--help`` and ``--version`` answer without
+loading torch; the command bodies live in :mod:`cp_deploy.commands`, imported once the flags parse.
+The parser helpers below (help formatter, ``--version``, ``--device``) serve every CLI of the package.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import re
 import sys
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
-from cp_deploy.bundle import PROMPT_MODES
-from cp_deploy.errors import InputError, run_command
-from cp_deploy.executors import PipelineFactory, check_device
-from cp_deploy.executors.local import run_folder
-from cp_deploy.executors.ray import run_folder_ray
-from cp_deploy.files import MAX_PIXELS
-from cp_deploy.formats import ReadOptions
-from cp_deploy.metrics import evaluate_dirs
-from cp_deploy.pipeline import PipelineOptions
-from cp_deploy.report import write_report
+from cp_deploy import __version__
+from cp_deploy.constants import MAX_PIXELS, NSD_TOLERANCE, PROMPT_MODES
+from cp_deploy.errors import run_command
+
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+DEVICE_HELP = "auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N"
 
 
-def _check_counts(args: argparse.Namespace) -> None:
-    """Numbers argparse accepts but a run cannot use; refused before anything loads."""
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                               ("--threads", args.threads, 0), ("--num-workers", args.num_workers, 1),
-                               ("--gpus-per-worker", args.gpus_per_worker, 0)):
-        if value < least:
-            raise InputError(f"{flag} {value}: must be at least {least}; pass {flag} N with N >= {least}")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after a flag's help, except where there is nothing worth showing
+    (no default, a switch that is off) or the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
 
 
-def _batch(args: argparse.Namespace) -> int:
-    _check_counts(args)
-    # Ray actors may have GPUs the driver lacks: there only the spelling of --device is checked.
-    check_device(args.device, args.engine, count_gpus=args.executor == "local")
-    options = PipelineOptions(
-        prompts=args.prompts, edge_label=args.edge_label, mode=args.mode,
-        score_threshold=args.score_threshold, max_instances=args.max_instances, min_instances=args.min_instances,
-    )
-    device = "cuda" if args.executor == "ray" and args.gpus_per_worker and args.device == "cpu" else args.device
-    # Absolute paths: Ray workers do not share the driver's working directory.
-    bundle, graphs = (os.path.abspath(p) if p else None for p in (args.bundle, args.graphs))
-    factory = PipelineFactory(bundle, args.engine, device, options, args.threads, graphs, args.precision,
-                              args.compile)
-    common = {"batch_size": args.batch_size, "overlays": args.overlays, "resume": args.resume,
-              "overwrite": args.overwrite, "progress": not args.no_progress,
-              "read_options": ReadOptions(slice_axis=args.slice_axis, include_uids=args.include_uids,
-                                          max_pixels=args.max_pixels)}
-    # The executors check and lock --output before the models load from ``factory``.
-    if args.executor == "ray":
-        summary = run_folder_ray(factory, args.input, args.output, num_workers=args.num_workers,
-                                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=max(1, args.threads),
-                                 address=args.ray_address, **common)
-    else:
-        summary = run_folder(factory, args.input, args.output, workers=args.workers, **common)
-    print(f"cp-deploy: {summary.line()}")
-    return 1 if summary.failed else 0
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` with :class:`HelpFormatter`; its subcommands' parsers are of this
+    class too (argparse makes them of the parent's type), so they format help the same way."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
-def _eval(args: argparse.Namespace) -> int:
-    csv_path = args.csv or (Path(args.pred) / "eval.csv")
-    s = evaluate_dirs(args.pred, args.gt, csv_path)
-    if s["missing"]:
-        print(f"warning: {len(s['missing'])} ground-truth images have no prediction and count as empty: "
-              f"{', '.join(s['missing'][:5])}{' ...' if len(s['missing']) > 5 else ''}", file=sys.stderr)
-    if args.json:
-        print(json.dumps({k: s[k] for k in ("n", "mDice", "mIoU")}))
-    else:
-        print(f"images: {s['n']}  mDice: {s['mDice']:.4f}  mIoU: {s['mIoU']:.4f}  (per-image CSV: {csv_path})")
-    return 0
+def new_parser(prog: str, description: str) -> Parser:
+    """A top-level parser with the shared formatter and ``--version`` (the package's version)."""
+    p = Parser(prog=prog, description=description)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the package version and exit")
+    return p
 
 
-def _report(args: argparse.Namespace) -> int:
-    path = write_report(args.run_dir, gt_dir=args.gt, output=args.output, max_gallery=args.max_images)
-    print(f"cp-deploy: report written to {path}")
-    return 0
+def device(value: str) -> str:
+    """``--device``'s spelling, checked while parsing (exit 2); whether the GPU exists is checked later."""
+    if not re.fullmatch(DEVICE_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device; pass {DEVICE_HELP}")
+    return value
+
+
+class LazyChoices:
+    """Choices computed on first use, for names that live behind a torch import (registered model
+    families): help shows the flag's metavar, and only a given value loads the names to check it."""
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self._names = names
+        self._cached: list[str] | None = None
+
+    def _get(self) -> list[str]:
+        if self._cached is None:
+            self._cached = list(self._names())
+        return self._cached
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._get()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cp-deploy", description="Curriculum-prompted SAM segmentation.")
+    parser = new_parser("cp-deploy", "Curriculum-prompted SAM segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("batch", help="segment every image in a folder",
+    b = sub.add_parser("batch", help="segment every image in a folder, a file, a glob or a list of paths",
                        description="Segment every png/jpg/jpeg/bmp/tif(f), DICOM (.dcm, .dicom or any file "
-                                   "with the DICM preamble) and NIfTI (.nii, .nii.gz) file under --input, "
-                                   "recursively. DICOM inputs also get a DICOM-SEG, NIfTI inputs a mask NIfTI.")
-    b.add_argument("--input", required=True, help="folder of images (searched recursively)")
+                                   "with the DICM preamble), NIfTI (.nii, .nii.gz) and video (.mp4, .avi, .mov) "
+                                   "file under --input, recursively, or the files --input names. DICOM inputs also "
+                                   "get a DICOM-SEG, NIfTI inputs a mask NIfTI, videos an overlay video.")
+    b.add_argument("--input", required=True,
+                   help="a folder (searched recursively), one input file, a quoted glob pattern such as "
+                        "'data/**/*.png', or a text file listing input paths, one per line (# starts a comment)")
     b.add_argument("--output", required=True, help="folder for masks/, overlays/ and results.jsonl")
     b.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped with the package)")
     b.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "trt"], help="inference engine")
     b.add_argument("--graphs", default=None,
                    help="folder of exported graphs for --engine onnxruntime|trt (default: BUNDLE/onnx or BUNDLE/trt)")
-    b.add_argument("--device", default="cpu", help="device: cpu, cuda or cuda:N (trt always runs on cuda)")
+    b.add_argument("--device", default="auto", type=device,
+                   help=f"device: {DEVICE_HELP} (trt always runs on cuda)")
     b.add_argument("--batch-size", type=int, default=1, help="images per encoder call")
     b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="torch engine: autocast precision (LayerNorm and softmax stay fp32); bf16 on recent GPUs")
@@ -107,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-instances", type=int, default=None,
                    help="keep at least this many best boxes even under the threshold (default: the bundle's)")
     b.add_argument("--overlays", action="store_true", help="also write overlays/*.jpg with contours, boxes and points")
+    b.add_argument("--coco", action="store_true",
+                   help="also write each image's instances (masks/NAME.instances.json, RLE) and OUT/instances.json, "
+                        "a COCO dataset of them all ('coco' extra)")
+    b.add_argument("--save-logits", action="store_true",
+                   help="also write the final pass's low-res logits (masks/NAME.logits.npy, Kx1x256x256 float32)")
     b.add_argument("--resume", action="store_true",
                    help="continue the run in --output: skip images already done (its settings must be the same)")
     b.add_argument("--overwrite", action="store_true",
@@ -119,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NIfTI volumes: voxel axis to slice along (default: the axis of largest voxel spacing)")
     b.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help="refuse an image, page, frame or slice over this many pixels (width x height, read from "
-                        "the header before decoding; 0: no limit; default: %(default)s)")
+                        "the header before decoding; 0: no limit)")
     b.add_argument("--include-uids", action="store_true",
                    help="DICOM: write study/series/SOP instance UIDs to results.jsonl (names, IDs and dates never are)")
     b.add_argument("--executor", default="local", choices=["local", "ray"],
@@ -128,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster to join, e.g. HEAD:6379 (default: RAY_ADDRESS, else a local one)")
     b.add_argument("--num-workers", type=int, default=1, help="Ray actors, each with its own copy of the models")
     b.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="GPUs per Ray actor (with --device cpu, >0 switches the actors to cuda)")
-    b.set_defaults(func=_batch)
+                   help="GPUs per Ray actor (over 0 runs the actors on cuda unless --device names a GPU)")
+    b.set_defaults(func="batch")
 
     e = sub.add_parser("eval", help="mDice and mIoU of predicted masks against ground truth",
                        description="Dice and IoU per image, then their means (the paper's metrics).")
@@ -137,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gt", required=True, help="folder of ground-truth masks, matched by relative path and stem")
     e.add_argument("--csv", default=None, help="per-image CSV path (default: PRED/eval.csv)")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
-    e.set_defaults(func=_eval)
+    e.add_argument("--surface", action="store_true",
+                   help="also HD95 and normalised surface Dice per image and their means (MONAI; 'metrics' extra)")
+    e.add_argument("--nsd-tolerance", type=float, default=NSD_TOLERANCE,
+                   help="--surface: NSD boundary tolerance in pixels (default: %(default)s)")
+    e.set_defaults(func="evaluate")
 
     r = sub.add_parser("report", help="write a self-contained HTML report of a run",
                        description="One report.html: counts, failures, throughput, per-stage timings and a "
@@ -146,14 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gt", default=None, help="folder of ground-truth masks: adds Dice per image, worst first")
     r.add_argument("--output", default=None, help="report path (default: RUN_DIR/report.html)")
     r.add_argument("--max-images", type=int, default=200, help="at most this many images in the gallery")
-    r.set_defaults(func=_report)
+    r.set_defaults(func="report")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The one import below the top: the command bodies bring torch, which --help must not wait for.
+    from cp_deploy import commands
+
     try:
-        return run_command("cp-deploy", lambda: args.func(args))  # a full disk mid-run: exit 1; usage: 2
+        # a full disk mid-run: exit 1; usage: 2
+        return run_command("cp-deploy", lambda: getattr(commands, args.func)(args))
     except KeyboardInterrupt:
         print("cp-deploy: interrupted; finished images are saved, rerun with --resume to continue", file=sys.stderr)
         return 130

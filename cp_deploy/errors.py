@@ -66,6 +66,13 @@ class MissingExtraError(UsageError):
         e.extra = extra
         return e
 
+    @classmethod
+    def for_feature(cls, feature: str, extra: str) -> MissingExtraError:
+        """The error of a feature (a flag and what it does) that needs ``extra``."""
+        e = cls(f"{feature} needs the '{extra}' extra, which is not installed; run: {EXTRA_HINT.format(extra=extra)}")
+        e.extra = extra
+        return e
+
 
 class WriteFailed(CPError):
     """Writing an output failed mid-run (a full disk); the journal keeps what was finished."""

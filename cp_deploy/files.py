@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
+from cp_deploy.constants import MAX_PIXELS
 from cp_deploy.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -58,7 +59,6 @@ def discover_images(root: str | Path, accept: Callable[[Path], bool] | None = No
     return found
 
 
-MAX_PIXELS = 100_000_000  # per image (frame plane); about 400 MB as RGBA, 10000x10000
 # Formats whose header Pillow reads without decoding a pixel (it opens files lazily).
 _HEADER_PLUGINS = (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile, BmpImagePlugin.BmpImageFile,
                    TiffImagePlugin.TiffImageFile)

@@ -28,13 +28,16 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-from cp_deploy.bundle import EDGE_LABELS, PROMPT_MODES, Bundle, load_bundle
+from cp_deploy.bundle import EDGE_LABELS, Bundle, load_bundle
+from cp_deploy.constants import PROMPT_MODES
 from cp_deploy.engines import create_engine
 from cp_deploy.engines.base import Engine
+from cp_deploy.files import write_mask
 from cp_deploy.models.build import stage_families
 from cp_deploy.models.keypoints import decode_heatmaps, expand_boxes
 from cp_deploy.models.registry import decode_detections
 from cp_deploy.preprocess import Geometry, PreprocessConfig, postprocess_masks, preprocess_image, to_rgb_uint8
+from cp_deploy.visualize import draw_overlay
 
 STAGES = ("preprocess", "encode", "detect", "box", "keypoints", "refine", "postprocess")
 EDGE_POINTS = 8  # the keypoint net's points per instance
@@ -114,6 +117,20 @@ class ImageResult:
     low_res_logits: np.ndarray  # Kx1xhxw float32, final pass
     coarse_logits: np.ndarray  # Kx1xhxw float32, coarse pass
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        """The union mask as a 0/255 PNG at the image's size, written atomically as ``batch`` writes it."""
+        write_mask(path, self.mask)
+        return Path(path)
+
+    def overlay(self, image: np.ndarray) -> np.ndarray:
+        """The overlay ``batch --overlays`` writes, as an RGB uint8 array: ``image`` (as read, any
+        form ``predict`` takes) with the final and coarse contours, boxes with scores and edge points."""
+        rgb = to_rgb_uint8(image)
+        if rgb.shape[:2] != tuple(self.original_size):
+            raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, the result's "
+                             f"{self.original_size[1]}x{self.original_size[0]}: pass the image it was predicted on")
+        return draw_overlay(rgb, self)
 
 
 class StageTimer:

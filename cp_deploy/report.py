@@ -1,9 +1,11 @@
 """``cp-deploy report``: one self-contained HTML page about a run.
 
-Counts, failures, throughput, a per-stage timing chart and a gallery of the run's overlays (box,
-edge points, coarse and final contour), all embedded, so the file can be mailed or archived on
-its own. With ground truth, Dice per image (``metrics.dice`` through ``evaluate_dirs``) and the
-gallery ordered worst first. The page has no scripts and loads nothing from the network.
+Counts, failures, throughput, what made the masks (bundle and its hash, engine, device, precision,
+prompts, versions, command: ``run.json``'s provenance), a per-stage timing chart and a gallery of
+the run's overlays (box, edge points, coarse and final contour), all embedded, so the file can be
+mailed or archived on its own. With ground truth, Dice and IoU per image (``evaluate_dirs``), the
+ground-truth contour drawn on each picture and the gallery ordered worst first. The page has no
+scripts and loads nothing from the network.
 
 Nothing in it comes from DICOM headers except what ``results.jsonl`` holds, which never has names,
 IDs or dates. ``results.jsonl`` is treated as untrusted: every field is escaped, only files inside
@@ -16,26 +18,29 @@ from __future__ import annotations
 import base64
 import html
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from cp_deploy.errors import InputError
 from cp_deploy.executors.output import read_run_info
-from cp_deploy.files import atomic_write_bytes
+from cp_deploy.files import atomic_write_bytes, discover_images, read_mask
 from cp_deploy.journal import RESULTS_FILE, RunJournal
 from cp_deploy.metrics import evaluate_dirs
-from cp_deploy.visualize import BOX, COARSE, FINAL, POINT
+from cp_deploy.visualize import BOX, COARSE, FINAL, GROUND_TRUTH, POINT, draw_ground_truth
 
 STAGE_ORDER = ("decode", "preprocess", "encode", "detect", "box", "keypoints", "refine", "postprocess", "write")
 
-def _legend() -> list[tuple[str, str]]:
+
+def _legend(gt: bool = False) -> list[tuple[str, str]]:
     """The overlay colours, from the module that draws them."""
     hexa = "#{:02x}{:02x}{:02x}".format
     return [(hexa(*FINAL), "final contour"), (hexa(*COARSE), "coarse contour"), (hexa(*BOX), "box and score"),
-            (hexa(*POINT), "edge points")]
+            (hexa(*POINT), "edge points"), *([(hexa(*GROUND_TRUTH), "ground-truth contour")] if gt else [])]
 
 
 CSS = """
@@ -119,24 +124,65 @@ def _timing_svg(means: dict[str, float]) -> str:
             f'role="img" aria-label="mean milliseconds per stage">{"".join(rows)}</svg>')
 
 
-def _gt_dice(run_dir: Path, gt_dir: str | Path, images: list[dict]) -> dict[str, float]:
-    """Record path -> Dice against the ground-truth mask of the same relative name."""
-    rows = {r["image"]: r["dice"] for r in evaluate_dirs(run_dir, gt_dir)["rows"]}
+def _gt_scores(run_dir: Path, gt_dir: str | Path, images: list[dict]) -> dict[str, dict]:
+    """Record path -> its Dice, IoU and ground-truth mask file (the mask of the same relative name)."""
+    gt_dir = Path(gt_dir)
+    rows = {r["image"]: r for r in evaluate_dirs(run_dir, gt_dir)["rows"]}
+    files = {p.with_suffix("").as_posix(): gt_dir / p for p in discover_images(gt_dir)}
     out = {}
     for r in images:
         mask = r.get("mask")
         key = mask[len("masks/"):-len(".png")] if isinstance(mask, str) else None
         if key in rows:
-            out[r["path"]] = rows[key]
+            out[r["path"]] = {"dice": rows[key]["dice"], "iou": rows[key]["iou"], "gt": files.get(key)}
     return out
+
+
+def _provenance_table(run_info: dict) -> str:
+    """What made the masks (``run.json``'s provenance), one escaped row per item."""
+    prov = run_info.get("provenance")
+    if not isinstance(prov, dict):
+        return '<p class="muted">run.json records no provenance (a run of an older cp-deploy, or none yet)</p>'
+    prompt = prov.get("prompt")
+    command = prov.get("command")
+    rows = [
+        ("bundle", f"{prov.get('bundle_name')} ({prov.get('bundle')})"),
+        ("bundle.json sha256", prov.get("bundle_sha256")),
+        ("engine", prov.get("engine")),
+        ("graphs", f"{prov.get('graphs')} (manifest.json sha256 {prov.get('graphs_manifest_sha256')})"
+         if prov.get("graphs") else "none (the torch engine)"),
+        ("device", prov.get("device")),
+        ("precision", prov.get("precision") or "the graphs' own"),
+        ("prompts", ", ".join(f"{k} {v}" for k, v in prompt.items()) if isinstance(prompt, dict) else prompt),
+        ("cp-deploy", prov.get("cp_deploy_version")),
+        ("torch", prov.get("torch_version")),
+        ("command", shlex.join(map(str, command)) if isinstance(command, list) else command),
+        ("started", f"{prov.get('started')}{' (resumed an earlier run)' if prov.get('resumed') else ''}"),
+    ]
+    return ("<table>" + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
+            + "</table>")
 
 
 def _esc(value: object) -> str:
     return html.escape(str(value))
 
 
-def _gallery_image(run_dir: Path, r: dict, problems: list[str]) -> str:
-    """The figure's image: the overlay, else the mask, embedded; refused names are not read."""
+def _with_ground_truth(path: Path, gt: Path) -> str | None:
+    """``path`` (an overlay or a mask) with ``gt``'s contour drawn on it, as a data URI."""
+    picture = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    if picture is None:
+        return None
+    drawn = draw_ground_truth(picture[..., ::-1], read_mask(gt))[..., ::-1]
+    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    ok, data = cv2.imencode(".jpg" if jpeg else ".png", drawn, [cv2.IMWRITE_JPEG_QUALITY, 90] if jpeg else [])
+    if not ok:
+        return None
+    return f"data:image/{'jpeg' if jpeg else 'png'};base64,{base64.b64encode(data.tobytes()).decode('ascii')}"
+
+
+def _gallery_image(run_dir: Path, r: dict, problems: list[str], gt: Path | None = None) -> str:
+    """The figure's image: the overlay, else the mask, embedded, with the contour of the
+    ground-truth mask ``gt`` where given; refused names are not read."""
     for key in ("overlay", "mask"):
         if key not in r:
             continue
@@ -145,7 +191,7 @@ def _gallery_image(run_dir: Path, r: dict, problems: list[str]) -> str:
             problems.append(f"record {r['path']!r}: {key} {r[key]!r} is not a file inside the run folder; "
                             "not embedded")
             return f'<p class="bad">refused: {_esc(key)} path {_esc(r[key])} lies outside the run folder</p>'
-        uri = _data_uri(path)
+        uri = (_with_ground_truth(path, gt) if gt is not None and path.is_file() else None) or _data_uri(path)
         if uri:
             return f'<img src="{uri}" alt="{_esc(r["path"])}">'
     return '<p class="bad">image missing</p>'
@@ -169,7 +215,8 @@ def build_report(run_dir: str | Path, gt_dir: str | Path | None = None, max_gall
     run_info = read_run_info(run_dir, problems)
     means = stage_means(ok)
     pipeline_ms = sum(means.values())
-    dice = _gt_dice(run_dir, gt_dir, ok) if gt_dir is not None else {}
+    scores = _gt_scores(run_dir, gt_dir, ok) if gt_dir is not None else {}
+    dice = {k: v["dice"] for k, v in scores.items()}
 
     cards = [("images", len(images)), ("segmented", len(ok)), ("failed", len(images) - len(ok))]
     if files:
@@ -180,6 +227,7 @@ def build_report(run_dir: str | Path, gt_dir: str | Path | None = None, max_gall
         cards.append(("images/s (sum of stage times)", f"{1000.0 / pipeline_ms:.2f}"))
     if dice:
         cards.append(("mean Dice", f"{np.mean(list(dice.values())):.4f}"))
+        cards.append(("mean IoU", f"{np.mean([v['iou'] for v in scores.values()]):.4f}"))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -193,6 +241,8 @@ def build_report(run_dir: str | Path, gt_dir: str | Path | None = None, max_gall
         '<div class="cards">',
         *(f'<div class="card"><b>{html.escape(str(v))}</b><span>{html.escape(k)}</span></div>' for k, v in cards),
         "</div>",
+        "<h2>What made these masks</h2>",
+        _provenance_table(run_info),
         "<h2>Time per image and stage (mean over segmented images)</h2>",
         _timing_svg(means),
     ]
@@ -226,7 +276,7 @@ def build_report(run_dir: str | Path, gt_dir: str | Path | None = None, max_gall
     shown = gallery[:max_gallery]
     parts.append(f"<h2>Gallery{' (worst Dice first)' if dice else ''}</h2>")
     parts.append('<p class="muted">' + "".join(f'<span class="key" style="background:{c}"></span>{html.escape(t)}'
-                                             for c, t in _legend()) + "</p>")
+                                             for c, t in _legend(bool(dice))) + "</p>")
     if len(gallery) > len(shown):
         parts.append(f'<p class="muted">showing {len(shown)} of {len(gallery)} images (--max-images)</p>')
     if shown and not any("overlay" in r for r in shown):
@@ -237,9 +287,10 @@ def build_report(run_dir: str | Path, gt_dir: str | Path | None = None, max_gall
         instances = r.get("instances")
         caption = [_esc(r["path"]), f'{len(instances) if isinstance(instances, list) else 0} instance(s), '
                    f'area {_esc(r.get("mask_area", 0))} px, {_esc(r.get("width"))}x{_esc(r.get("height"))}']
-        if r["path"] in dice:
-            caption.append(f'Dice <b>{dice[r["path"]]:.4f}</b>')
-        img = _gallery_image(run_dir, r, problems)
+        score = scores.get(r["path"])
+        if score is not None:
+            caption.append(f'Dice <b>{score["dice"]:.4f}</b>, IoU <b>{score["iou"]:.4f}</b>')
+        img = _gallery_image(run_dir, r, problems, score["gt"] if score is not None else None)
         parts.append(f'<figure>{img}<figcaption>{"<br>".join(caption)}</figcaption></figure>')
     parts.append("</div>")
     if problems:

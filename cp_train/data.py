@@ -19,8 +19,7 @@ from cp_deploy.errors import DataError
 from cp_deploy.files import IMAGE_EXTENSIONS, atomic_write_bytes, read_image, read_mask
 from cp_deploy.preprocess import preprocess_image, resize_longest_side, to_rgb_uint8
 from cp_train import distributed
-
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "curriculum-prompting"
+from cp_train.defaults import DEFAULT_CACHE_DIR
 
 
 def read_split(path: str | Path) -> list[str]:
@@ -115,14 +114,23 @@ class Dataset:
     split: Path
     val_fraction: float = 0.1
     val_seed: int = 0  # seed of the carve alone, so members trained with other seeds share it
-    max_images: int = 0  # train on at most this many of the carved training names (0: all)
+    max_images: int = 0  # at most this many training names, and max(N // 4, 5) validation names (0: all)
     cache_dir: Path = DEFAULT_CACHE_DIR
     progress: bool = True
 
     def names(self) -> tuple[list[str], list[str]]:
-        """(training names, validation names), the validation ones carved from the split."""
+        """(training names, validation names), the validation ones carved from the split. A small
+        run (``max_images`` N) validates on at most max(N // 4, 5) of them too: encoding a full
+        validation split would cost more than training on N images."""
         train, val = carve_validation(read_split(self.split), self.val_fraction, self.val_seed)
-        return (train[: self.max_images] if self.max_images else train), val
+        if not self.max_images:
+            return train, val
+        return train[: self.max_images], val[: max(self.max_images // 4, 5)]
+
+    def carved_sizes(self) -> tuple[int, int]:
+        """How many training and validation names the carve gives before ``max_images``."""
+        train, val = carve_validation(read_split(self.split), self.val_fraction, self.val_seed)
+        return len(train), len(val)
 
     def check(self) -> None:
         """Refuse a split, folder or carve that cannot be trained on, before any model is built."""

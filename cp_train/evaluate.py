@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cp_deploy.bundle import Bundle, load_bundle, update_spec
 from cp_deploy.engines.torch import TorchEngine
@@ -27,12 +28,14 @@ def evaluate(
     gt_points: bool = False,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> dict:
     """mDice / mIoU of the pipeline on ``samples`` (optionally with GT boxes and edge points)."""
     engine = TorchEngine(bundle, device=str(device), models=models)
     pipe = CurriculumPipeline(bundle, engine, options)
     dices, ious = [], []
-    for i in range(0, len(samples), batch_size):
+    for i in tqdm(range(0, len(samples), batch_size), desc="validation", unit="batch", leave=False,
+                  disable=not progress):
         chunk = samples[i : i + batch_size]
         boxes = points = None
         if gt_boxes:
@@ -72,7 +75,7 @@ def box_mask(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 @torch.inference_mode()
 def evaluate_boxes(bundle: Bundle, detector: torch.nn.Module, samples: list[Sample],
-                   device: torch.device | str = "cpu", batch_size: int = 16) -> dict:
+                   device: torch.device | str = "cpu", batch_size: int = 16, progress: bool = False) -> dict:
     """Validation of an image-reading detector without SAM: the mean Dice between the union of its
     boxes (after the bundle's threshold, NMS and top-K) and the union of the GT instances' boxes.
     The box pass's Dice tracks it (SAM turns a right box into a right mask), and it needs no SAM
@@ -81,7 +84,8 @@ def evaluate_boxes(bundle: Bundle, detector: torch.nn.Module, samples: list[Samp
         raise ValueError("box validation needs a detector that reads the image")
     pipe = CurriculumPipeline(bundle, DetectorOnly(detector, torch.device(device)), PipelineOptions(prompts="box"))
     dices = []
-    for i in range(0, len(samples), batch_size):
+    for i in tqdm(range(0, len(samples), batch_size), desc="validation", unit="batch", leave=False,
+                  disable=not progress):
         chunk = samples[i : i + batch_size]
         for s, (boxes, _) in zip(chunk, pipe.detect([s.image for s in chunk])):
             gt = np.array([x.box for x in mask_instances(s.mask)]).reshape(-1, 4)

@@ -31,6 +31,17 @@ class ValidationSet:
     samples: list[Sample]
     models: Models | None = None
     embeddings: torch.Tensor | None = None
+    progress: bool = False  # a progress bar over the validation images
+
+
+def metric_name(stage: str, detector_metric: str = "sam", points: str = "gt") -> str:
+    """What a stage's validation mDice measures, for its log and printed lines: the SAM heads and
+    the keypoint net are scored on ground-truth boxes, the detector on its own boxes."""
+    if stage == "detector":
+        return "val box Dice (detector vs gt boxes)" if detector_metric == "boxes" else "val mDice (detector boxes)"
+    if stage == "sam-refine":
+        return f"val mDice (gt boxes, {points} edge points)"
+    return "val mDice (gt boxes)"
 
 
 def validate_detector(bundle: Bundle, net: nn.Module, val: ValidationSet, metric: str = "sam",
@@ -38,9 +49,10 @@ def validate_detector(bundle: Bundle, net: nn.Module, val: ValidationSet, metric
     """mDice of SAM's box pass with ``net`` as detector (``metric`` "sam"), or of its boxes against
     the ground-truth boxes ("boxes": no SAM); ``bundle`` describes ``net`` and its thresholds."""
     if metric == "boxes":
-        return evaluate_boxes(bundle, net, val.samples, device)
+        return evaluate_boxes(bundle, net, val.samples, device, progress=val.progress)
     models = dataclasses.replace(val.models, detector=net)
-    return evaluate(bundle, models, val.samples, val.embeddings, PipelineOptions(prompts="box"), device=device)
+    return evaluate(bundle, models, val.samples, val.embeddings, PipelineOptions(prompts="box"), device=device,
+                    progress=val.progress)
 
 
 def validate_head(bundle: Bundle, name: str, head: nn.Module, val: ValidationSet, gt_points: bool = True) -> dict:
@@ -50,14 +62,15 @@ def validate_head(bundle: Bundle, name: str, head: nn.Module, val: ValidationSet
     models = dataclasses.replace(val.models, **{name: head})
     opts = PipelineOptions(prompts="box" if name == "box" else "curriculum")
     return evaluate(bundle, models, val.samples, val.embeddings, opts, gt_boxes=True,
-                    gt_points=name == "refine" and gt_points)
+                    gt_points=name == "refine" and gt_points, progress=val.progress)
 
 
 def validate_keypoints(bundle: Bundle, net: nn.Module, val: ValidationSet) -> dict:
     """mDice of the curriculum on ground-truth boxes with ``net`` as keypoint net (``bundle``
     describes it)."""
     models = dataclasses.replace(val.models, keypoints=net)
-    return evaluate(bundle, models, val.samples, val.embeddings, PipelineOptions(prompts="curriculum"), gt_boxes=True)
+    return evaluate(bundle, models, val.samples, val.embeddings, PipelineOptions(prompts="curriculum"), gt_boxes=True,
+                    progress=val.progress)
 
 
 def tune_detection(bundle: Bundle, net: nn.Module, val: ValidationSet, metric: str = "sam",

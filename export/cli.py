@@ -1,86 +1,21 @@
-"""``cp-export onnx | trt``: export a bundle, then check the result against torch (always)."""
+"""``cp-export onnx | trt``: export a bundle, then check the result against torch (always).
+
+Only argparse-level modules are imported here, so ``--help`` and ``--version`` answer without
+loading torch; the command bodies live in :mod:`export.commands`, imported once the flags parse.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-import numpy as np
-
-from cp_deploy.bundle import load_bundle
-from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
-from cp_deploy.engines.torch import TorchEngine
-from cp_deploy.engines.trt import TensorRTEngine
-from cp_deploy.errors import ParityError, run_command
-from cp_deploy.files import discover_images, read_image
-from cp_deploy.models.build import build_models
-from export.onnx import export_onnx, sample_inputs, write_manifest
-from export.parity import Tolerance, check_parity, synthetic_images
-from export.trt import build_trt
-
-
-def _images(folder: str | None, n: int = 4) -> tuple[list[np.ndarray], str]:
-    """Real images from ``folder`` (at most 8), else seeded synthetic ones."""
-
-    if folder:
-        files = discover_images(folder)[:8]
-        return [read_image(Path(folder) / f) for f in files], f"{len(files)} images from {folder}"
-
-    return synthetic_images(n), f"{n} synthetic images"
-
-
-def _parity(bundle, engine, args, random_run) -> dict:
-    torch_engine = TorchEngine(bundle, device="cuda" if engine.device.type == "cuda" else "cpu")
-    images, source = _images(args.images)
-    random_inputs = sample_inputs(bundle, torch_engine.models, batch=3, instances=5, points=10, seed=1)
-    tol = Tolerance.for_precision(engine.manifest.get("precision", "fp32"))
-    for flag, attr in (("rel_tol", "rel"), ("pixel_agreement", "pixel_agreement"), ("min_dice", "dice")):
-        if getattr(args, flag) is not None:
-            setattr(tol, attr, getattr(args, flag))
-    rep = check_parity(bundle, torch_engine.models, torch_engine, engine, images, tol,
-                       random_inputs=random_inputs, run_graph=random_run)
-    print(rep.table())
-    return {**rep.to_json(), "images": source}
-
-
-def _finish(out: Path, parity: dict) -> int:
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["parity"] = parity
-    write_manifest(out, manifest)
-    if not parity["passed"]:
-        raise ParityError(f"parity check FAILED, engines will refuse {out}: " + "; ".join(parity["failures"]))
-    print(f"cp-export: parity passed; graphs and manifest in {out}")
-    return 0
-
-
-def _onnx(args: argparse.Namespace) -> int:
-    bundle = load_bundle(args.bundle)
-    out = Path(args.out) if args.out else bundle.root / "onnx"
-    external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    export_onnx(bundle, build_models(bundle), out, opset=args.opset, external_data=external, precision=args.precision)
-    if args.no_parity:
-        print("cp-export: parity check skipped (--no-parity); engines accept the graphs unchecked")
-        return 0
-    engine = OnnxRuntimeEngine(bundle, onnx_dir=out)
-    return _finish(out, _parity(bundle, engine, args, lambda g, feeds: engine.run(g, feeds)))
-
-
-def _trt(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    manifest = build_trt(args.onnx, out, fp16=args.fp16, max_batch=args.max_batch, max_instances=args.max_instances,
-                         max_points=args.max_points, workspace_gb=args.workspace)
-    if args.no_parity:
-        return 0
-    bundle = load_bundle(args.bundle or manifest["bundle"])
-    engine = TensorRTEngine(bundle, engine_dir=out)
-    return _finish(out, _parity(bundle, engine, args, lambda g, feeds: engine.run(g, feeds)))
+from cp_deploy import cli as common
+from cp_deploy.errors import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cp-export", description="Export a bundle to ONNX or TensorRT engines; "
-                                     "every export is checked against the torch engine.")
+    parser = common.new_parser("cp-export", "Export a bundle to ONNX or TensorRT engines; every export is checked "
+                            "against the torch engine.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def parity_flags(p: argparse.ArgumentParser) -> None:
@@ -105,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--external-data", default="auto", choices=["auto", "yes", "no"],
                    help="weights in side files: auto = for graphs over 1 GiB (ViT-H's encoder)")
     parity_flags(o)
-    o.set_defaults(func=_onnx)
+    o.set_defaults(func="onnx")
 
     t = sub.add_parser("trt", help="build TensorRT engines from exported ONNX graphs (on the target GPU)",
                        description="Build serialized TensorRT engines with optimisation profiles.")
@@ -120,13 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-points", type=int, default=16, help="largest number of prompt points per instance")
     t.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GiB (default 4)")
     parity_flags(t)
-    t.set_defaults(func=_trt)
+    t.set_defaults(func="trt")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command("cp-export", lambda: args.func(args))  # ParityError: exit 1; usage: 2
+    # The one import below the top: the command bodies bring torch, which --help must not wait for.
+    from export import commands
+
+    return run_command("cp-export", lambda: getattr(commands, args.func)(args))  # ParityError: exit 1; usage: 2
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ Three checks, all run by ``cp-export`` after every export:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cp_deploy.bundle import Bundle
 from cp_deploy.engines.base import Engine
@@ -118,11 +120,18 @@ def check_parity(
     tol: Tolerance | None = None,
     random_inputs: dict[str, dict[str, torch.Tensor]] | None = None,
     run_graph=None,
+    progress: bool | None = None,
 ) -> ParityReport:
     """Compare ``engine`` with ``torch_engine`` (see the module docstring). ``run_graph(name,
-    feeds)`` runs one exported graph on random ``random_inputs`` (both optional)."""
+    feeds)`` runs one exported graph on random ``random_inputs`` (both optional). ``progress``: a
+    bar over the checks on stderr (``None``: when stderr is a terminal), as they take minutes for
+    a large encoder on a CPU."""
     tol = tol or Tolerance()
     rep = ParityReport()
+    randoms = len(random_inputs) if random_inputs is not None and run_graph is not None else 0
+    # Random graphs, the recorded torch run, its replayed calls (counted once recorded), the engine's run.
+    bar = tqdm(total=randoms + 2, desc="parity", unit="check", leave=False, file=sys.stderr,
+               disable=not (sys.stderr.isatty() if progress is None else progress))
 
     def note(graph: str, check: str, diff: float, scale: float) -> None:
         d = rep.graphs.setdefault(graph, {})
@@ -136,14 +145,20 @@ def check_parity(
             with torch.no_grad():
                 ref = modules[graph](*(v.to(dev) for v in feeds.values()))
             note(graph, "random", *_max_diff(ref, run_graph(graph, feeds)))
+            bar.update(1)
 
     recorder = RecordingEngine(torch_engine)
     options = PipelineOptions(prompts="curriculum")
     ref_results = CurriculumPipeline(bundle, recorder, options).predict(images)
+    bar.total += len(recorder.calls)
+    bar.update(1)
     for method, args, kwargs, out in recorder.calls:
         graph = args[0] if method == "decode" else _GRAPH_OF[method]
         note(graph, "real", *_max_diff(out, getattr(engine, method)(*args, **kwargs)))
+        bar.update(1)
     got_results = CurriculumPipeline(bundle, engine, options).predict(images)
+    bar.update(1)
+    bar.close()
 
     agree = [float((r.mask == g.mask).mean()) for r, g in zip(ref_results, got_results)]
     dices = [dice(g.mask, r.mask) for r, g in zip(ref_results, got_results)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 from pathlib import Path
 
@@ -124,3 +125,15 @@ def dataset(tmp_path_factory):
         names.append(name)
     (root / "train.txt").write_text("\n".join(names) + "\n")
     return root
+
+
+def without_module(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make ``import name`` (and its submodules) fail, as where its extra is not installed."""
+    real_import = builtins.__import__
+
+    def blocked(module: str, *args, **kwargs):
+        if module == name or module.startswith(name + "."):
+            raise ImportError(f"No module named '{module}'")
+        return real_import(module, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", blocked)

@@ -4,14 +4,18 @@ through a Ray Data actor pool. Both build the pipeline with :class:`PipelineFact
 from __future__ import annotations
 
 import re
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from cp_deploy import __version__
 from cp_deploy.bundle import BUNDLE_FILE, Bundle, PromptSettings, load_bundle
 from cp_deploy.engines.manifest import MANIFEST_FILE
 from cp_deploy.errors import InputError
+from cp_deploy.executors.output import RunSettings
 from cp_deploy.models.weights import sha256_file
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 
@@ -20,16 +24,18 @@ ENGINE_NAMES = {"TorchEngine": "torch", "OnnxRuntimeEngine": "onnxruntime", "Ten
 
 
 def run_settings(bundle: Bundle, engine: str, graphs: Path | None, precision: str, options: PipelineOptions,
-                 slice_axis: int | None) -> dict:
+                 slice_axis: int | None, device: str = "cpu") -> RunSettings:
     """What decides a run's masks, recorded in ``run.json`` so ``--resume`` can refuse to mix
     masks of other settings: the bundle (its ``bundle.json`` records every weight file's hash),
     the engine and its graphs, the precision, the prompt settings after the bundle's defaults,
-    and the read options that change frames. Threads, workers, batch size and compile do not."""
+    and the read options that change frames. Threads, workers, batch size and compile do not.
+
+    Its ``provenance`` (:func:`provenance`) says who made the masks and is never compared."""
     manifest = graphs / MANIFEST_FILE if graphs is not None else None
     spec = Path(bundle.root) / BUNDLE_FILE  # missing only for a Bundle built in memory
     prompt = {k: getattr(bundle.prompt, k) if getattr(options, k) is None else getattr(options, k)
               for k in PromptSettings.__dataclass_fields__ if k != "text"}  # text: part of bundle.json
-    return {
+    settings = RunSettings({
         "bundle": str(Path(bundle.root).resolve()),
         "bundle_sha256": sha256_file(spec) if spec.is_file() else None,
         "engine": engine,
@@ -38,15 +44,38 @@ def run_settings(bundle: Bundle, engine: str, graphs: Path | None, precision: st
         "prompts": options.prompts,
         **prompt,
         "slice_axis": slice_axis,
+    })
+    settings.provenance = provenance(bundle, settings, graphs, device)
+    return settings
+
+
+def provenance(bundle: Bundle, settings: dict, graphs: Path | None, device: str) -> dict:
+    """Which bundle, engine, graphs, device, precision, prompts, software and command made a run's
+    masks, for ``run.json`` and the report; the settings that ``--resume`` compares are a part."""
+    return {
+        "bundle_name": bundle.name,
+        "bundle": settings["bundle"],
+        "bundle_sha256": settings["bundle_sha256"],
+        "engine": settings["engine"],
+        "graphs": str(Path(graphs).resolve()) if graphs is not None else None,
+        "graphs_manifest_sha256": settings["graphs_manifest_sha256"],
+        "device": str(device),
+        "precision": settings["precision"],
+        "prompt": {"text": bundle.prompt.text,
+                   **{k: settings[k] for k in ("prompts", *PromptSettings.__dataclass_fields__) if k in settings}},
+        "cp_deploy_version": __version__,
+        "torch_version": torch.__version__,
+        "command": list(sys.argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def pipeline_settings(pipeline: CurriculumPipeline, slice_axis: int | None = None) -> dict:
+def pipeline_settings(pipeline: CurriculumPipeline, slice_axis: int | None = None) -> RunSettings:
     """:func:`run_settings` of a pipeline built by hand (the Python API of ``run_folder``)."""
     engine = pipeline.engine
     name = ENGINE_NAMES.get(type(engine).__name__, type(engine).__name__)
     return run_settings(pipeline.bundle, name, getattr(engine, "folder", None), getattr(engine, "precision", "fp32"),
-                        pipeline.options, slice_axis)
+                        pipeline.options, slice_axis, str(pipeline.device))
 
 
 def check_device(device: str, engine: str, count_gpus: bool = True) -> None:
@@ -80,13 +109,13 @@ class PipelineFactory:
     precision: str = "fp32"  # torch engine: autocast precision of the encoder
     compile: bool = False  # torch engine: torch.compile the encoder
 
-    def settings(self, slice_axis: int | None = None, bundle: Bundle | None = None) -> dict:
+    def settings(self, slice_axis: int | None = None, bundle: Bundle | None = None) -> RunSettings:
         """:func:`run_settings` of the pipeline this builds, without building it."""
         bundle = bundle or load_bundle(self.bundle)
         graphs = None
         if self.engine in GRAPH_FOLDERS:
             graphs = Path(self.graphs) if self.graphs else bundle.root / GRAPH_FOLDERS[self.engine]
-        return run_settings(bundle, self.engine, graphs, self.precision, self.options, slice_axis)
+        return run_settings(bundle, self.engine, graphs, self.precision, self.options, slice_axis, self.device)
 
     def __call__(self, bundle: Bundle | None = None) -> CurriculumPipeline:
         """The pipeline; ``bundle``: this factory's bundle when the caller has loaded it already."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cp_deploy.errors import InputError
+from cp_deploy.executors.instances import instances_json, logits_npy
 from cp_deploy.executors.names import file_output_rel, frame_key, frame_mask_rel, output_names, overlay_rel
 from cp_deploy.executors.output import write_run_info
 from cp_deploy.executors.records import error_record, file_record, folder_record, result_record, with_frame
@@ -168,10 +169,20 @@ def segment_items(pipeline: CurriculumPipeline, items: list[WorkItem], root: Pat
     return [None if it.error is not None else next(results) for it in items]
 
 
+@dataclass(frozen=True)
+class Extras:
+    """Optional per-image outputs beside the mask: COCO instances (``--coco``), low-res logits
+    (``--save-logits``). Each lands in the record's ``outputs``, so ``--resume`` redoes an image
+    whose file is missing."""
+
+    coco: bool = False
+    logits: bool = False
+
+
 def write_outputs(out: Path, key: str, mask_rel: str, image: np.ndarray | None, result: ImageResult | str,
-                  decode_ms: float, overlays: bool) -> dict:
-    """Write one image's mask (and overlay) atomically and return its record; ``result`` is the
-    error message of an image that failed."""
+                  decode_ms: float, overlays: bool, extras: Extras = Extras()) -> dict:
+    """Write one image's mask (and overlay, and ``extras``) atomically and return its record;
+    ``result`` is the error message of an image that failed."""
     if not isinstance(result, ImageResult):
         return error_record(key, result)
     t0 = time.perf_counter()
@@ -181,6 +192,14 @@ def write_outputs(out: Path, key: str, mask_rel: str, image: np.ndarray | None, 
         ov_rel = overlay_rel(mask_rel)
         atomic_write_bytes(out / ov_rel, encode_image(draw_overlay(to_rgb_uint8(image), result), ".jpg"))
         rec["overlay"] = ov_rel
+    written = {}
+    if extras.coco:
+        written["instances"] = (file_output_rel(mask_rel, ".instances.json"), instances_json(key, result))
+    if extras.logits:
+        written["logits"] = (file_output_rel(mask_rel, ".logits.npy"), logits_npy(result))
+    for kind, (rel, data) in written.items():
+        atomic_write_bytes(out / rel, data)
+        rec.setdefault("outputs", {})[kind] = rel
     rec["timings_ms"]["decode"] = round(decode_ms, 3)
     rec["timings_ms"]["write"] = round((time.perf_counter() - t0) * 1000, 3)
     return rec
@@ -190,8 +209,8 @@ class Writer:
     """Writes work items' outputs and returns their records, never over a mask that another key
     wrote through this writer (``output_names`` should make that impossible)."""
 
-    def __init__(self, out: Path, overlays: bool) -> None:
-        self.out, self.overlays = out, overlays
+    def __init__(self, out: Path, overlays: bool, extras: Extras = Extras()) -> None:
+        self.out, self.overlays, self.extras = out, overlays, extras
         self.owners: dict[str, str] = {}  # mask path -> the key that wrote it
 
     def write(self, item: WorkItem, result: ImageResult | str | None) -> dict:
@@ -202,7 +221,8 @@ class Writer:
             if owner != item.key:
                 result = (f"{item.key}: its mask masks/{item.mask_rel} was already written for {owner} in this "
                           "run; rename one of the two inputs")
-        rec = write_outputs(self.out, item.key, item.mask_rel, item.image, result, item.decode_ms, self.overlays)
+        rec = write_outputs(self.out, item.key, item.mask_rel, item.image, result, item.decode_ms, self.overlays,
+                            self.extras)
         return with_frame(rec, item.source, item.label) if item.label else rec
 
 

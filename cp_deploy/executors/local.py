@@ -24,6 +24,7 @@ from cp_deploy.bundle import load_bundle
 from cp_deploy.errors import WriteFailed
 from cp_deploy.executors import PipelineFactory, pipeline_settings
 from cp_deploy.executors.core import (
+    Extras,
     FileWork,
     WorkItem,
     WriteBack,
@@ -35,6 +36,7 @@ from cp_deploy.executors.core import (
     segment_items,
     work_for,
 )
+from cp_deploy.executors.instances import check_coco, write_coco
 from cp_deploy.executors.ledger import Ledger
 from cp_deploy.executors.output import claim_output
 from cp_deploy.executors.records import RunSummary
@@ -122,14 +124,20 @@ def run_folder(
     progress: bool = True,
     read_options: ReadOptions | None = None,
     overwrite: bool = False,
+    coco: bool = False,
+    save_logits: bool = False,
 ) -> RunSummary:
     """Segment every image under ``input_dir`` into ``output_dir``; see the module docstring.
 
     ``read_options`` carries the DICOM/NIfTI settings (slice axis, UIDs in the records). Given a
     :class:`PipelineFactory`, the output folder is checked (``claim_output``) before the
     models load; ``overwrite`` lets a non-empty one be replaced, ``resume`` continues its run.
+    ``coco`` writes each image's instances and then ``OUT/instances.json``, ``save_logits`` each
+    image's low-res logits (:mod:`cp_deploy.executors.instances`).
     """
     t_start = time.perf_counter()
+    if coco:
+        check_coco()
     root, out = Path(input_dir), Path(output_dir)
     read_options = read_options or ReadOptions()
     if isinstance(pipeline, PipelineFactory):
@@ -144,18 +152,18 @@ def run_folder(
         try:
             return _segment(pipeline, root, out, files, unreadable, settings, resume, batch_size=batch_size,
                             overlays=overlays, workers=workers, progress=progress, read_options=read_options,
-                            t_start=t_start)
+                            t_start=t_start, extras=Extras(coco, save_logits))
         except OSError as e:  # a full disk or a folder made read-only mid-run: one line, not a traceback
             raise WriteFailed.of(e) from e
 
 
 def _segment(pipeline: CurriculumPipeline, root: Path, out: Path, files: list[Path], unreadable: dict[Path, str],
              settings: dict, resume: bool, *, batch_size: int, overlays: bool, workers: int, progress: bool,
-             read_options: ReadOptions, t_start: float) -> RunSummary:
+             read_options: ReadOptions, t_start: float, extras: Extras = Extras()) -> RunSummary:
     """:func:`run_folder` in its claimed output folder, with its pipeline built."""
     plan = plan_run(root, out, files, unreadable, settings, resume)
     ledger = Ledger(plan.journal, plan.skipped, len(unreadable))
-    writer = _WriterThread(out, Writer(out, overlays), ledger)
+    writer = _WriterThread(out, Writer(out, overlays, extras), ledger)
     writer.start()
     bar = tqdm(total=len(plan.todo), unit="img", disable=not progress, file=sys.stderr, desc="cp-deploy")
     decode_failed = 0
@@ -199,4 +207,6 @@ def _segment(pipeline: CurriculumPipeline, root: Path, out: Path, files: list[Pa
             plan.journal.close()
     if writer.error is not None:
         raise WriteFailed.of(writer.error) from writer.error
+    if extras.coco:
+        write_coco(out, plan.journal.records, pipeline.bundle.prompt.text)
     return ledger.summarise(out, time.perf_counter() - t_start, batch_size, settings)

@@ -28,7 +28,15 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".cp-deploy.lock"
 PROBE_FILE = ".cp-deploy.probe"
 # Everything a run or `cp-deploy eval | report` writes; --overwrite removes these and nothing else.
-OWNED = ("masks", "overlays", RESULTS_FILE, JOURNAL_FILE, RUN_FILE, "eval.csv", "report.html")
+OWNED = ("masks", "overlays", RESULTS_FILE, JOURNAL_FILE, RUN_FILE, "eval.csv", "report.html", "instances.json")
+
+
+class RunSettings(dict):
+    """A run's settings (what ``--resume`` compares, the dict itself) carrying its ``provenance``
+    (bundle name, device, versions, command, start time: what made the masks, never compared),
+    which :func:`write_run_info` writes beside them wherever the settings go."""
+
+    provenance: dict | None = None
 
 
 def read_run_info(out: Path, problems: list[str] | None = None) -> dict:
@@ -46,6 +54,10 @@ def read_run_info(out: Path, problems: list[str] | None = None) -> dict:
 
 
 def write_run_info(out: Path, info: dict) -> None:
+    """``OUT/run.json``; settings that carry a provenance (:class:`RunSettings`) add it as ``provenance``."""
+    provenance = getattr(info.get("settings"), "provenance", None)
+    if provenance is not None:
+        info = {**info, "provenance": provenance}
     atomic_write_bytes(out / RUN_FILE, json.dumps(info, indent=1).encode("utf-8"))
 
 
@@ -152,6 +164,8 @@ def claim_output(input_dir: str | Path, output_dir: str | Path, settings: dict, 
         _clear(out, resume, overwrite)
         if resume:
             _check_settings(out, settings)
+        if isinstance(settings, RunSettings) and settings.provenance is not None:
+            settings.provenance["resumed"] = resume  # earlier masks of the folder came from the run it continues
         yield
     finally:
         os.close(fd)  # releases the flock; the file stays, so a waiting opener never locks a deleted one

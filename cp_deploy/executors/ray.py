@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cp_deploy.bundle import load_bundle
 from cp_deploy.errors import MissingExtraError, WriteFailed
 from cp_deploy.executors import PipelineFactory, core
-from cp_deploy.executors.core import FileWork, WorkItem, WriteBack
+from cp_deploy.executors.core import Extras, FileWork, WorkItem, WriteBack
+from cp_deploy.executors.instances import check_coco, write_coco
 from cp_deploy.executors.ledger import Ledger
 from cp_deploy.executors.output import claim_output
 from cp_deploy.executors.records import RunSummary
@@ -85,10 +87,10 @@ def decode_rows(row: dict, root: str, options: ReadOptions) -> list[dict]:
 class _Segmenter:
     """One pool actor: builds the pipeline once, then segments and writes the batches it is given."""
 
-    def __init__(self, factory: PipelineFactory, root: str, out: str, overlays: bool) -> None:
+    def __init__(self, factory: PipelineFactory, root: str, out: str, overlays: bool, extras: Extras) -> None:
         self.pipeline = factory()
         self.root = Path(root)
-        self.writer = core.Writer(Path(out), overlays)
+        self.writer = core.Writer(Path(out), overlays, extras)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["key"]))]
@@ -131,6 +133,8 @@ def run_folder_ray(
     progress: bool = True,
     overwrite: bool = False,
     read_options: ReadOptions | None = None,
+    coco: bool = False,
+    save_logits: bool = False,
 ) -> RunSummary:
     """Segment every image under ``input_dir`` into ``output_dir`` on a Ray cluster.
 
@@ -144,24 +148,29 @@ def run_folder_ray(
     (held by this driver).
     """
     ray = _import_ray()
+    if coco:
+        check_coco()
     root, out = Path(input_dir).resolve(), Path(output_dir).resolve()
     read_options = read_options or ReadOptions()
-    settings = factory.settings(read_options.slice_axis)
+    bundle = load_bundle(factory.bundle)
+    settings = factory.settings(read_options.slice_axis, bundle)
+    extras = Extras(coco, save_logits)
     files, unreadable = core.list_inputs(root)
     with claim_output(root, out, settings, resume=resume, overwrite=overwrite):
         try:
             return _run(ray, factory, root, out, files, unreadable, settings, resume, batch_size=batch_size,
                         overlays=overlays, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
                         cpus_per_worker=cpus_per_worker, address=address, progress=progress,
-                        read_options=read_options)
+                        read_options=read_options, extras=extras, category=bundle.prompt.text)
         except OSError as e:  # the driver's journal on a full disk: one line, not a traceback
             raise WriteFailed.of(e) from e
 
 
 def _run(ray, factory: PipelineFactory, root: Path, out: Path, files: list[Path], unreadable: dict[Path, str],
          settings: dict, resume: bool, *, batch_size: int, overlays: bool, num_workers: int, gpus_per_worker: float,
-         cpus_per_worker: float, address: str | None, progress: bool, read_options: ReadOptions) -> RunSummary:
-    """:func:`run_folder_ray` in its claimed output folder."""
+         cpus_per_worker: float, address: str | None, progress: bool, read_options: ReadOptions,
+         extras: Extras = Extras(), category: str = "lesion") -> RunSummary:
+    """:func:`run_folder_ray` in its claimed output folder; ``category`` names the COCO instances."""
     t_start = time.perf_counter()
     plan = core.plan_run(root, out, files, unreadable, settings, resume)
     ledger = Ledger(plan.journal, plan.skipped, len(unreadable))
@@ -173,19 +182,21 @@ def _run(ray, factory: PipelineFactory, root: Path, out: Path, files: list[Path]
         if plan.todo:
             _stream(ray, factory, root, out, plan, ledger, bar, batch_size=batch_size, overlays=overlays,
                     num_workers=num_workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                    read_options=read_options)
+                    read_options=read_options, extras=extras)
     finally:
         bar.close()
         ledger.flush()
         plan.journal.finalize()
         if started:
             ray.shutdown()
+    if extras.coco:
+        write_coco(out, plan.journal.records, category)
     return ledger.summarise(out, time.perf_counter() - t_start, batch_size, settings)
 
 
 def _stream(ray, factory: PipelineFactory, root: Path, out: Path, plan: core.RunPlan, ledger: Ledger, bar: tqdm, *,
             batch_size: int, overlays: bool, num_workers: int, gpus_per_worker: float, cpus_per_worker: float,
-            read_options: ReadOptions) -> None:
+            read_options: ReadOptions, extras: Extras = Extras()) -> None:
     """Run the dataset and journal its records as they stream back; finish each complete file."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts images; Ray's would interleave with it
@@ -200,7 +211,8 @@ def _stream(ray, factory: PipelineFactory, root: Path, out: Path, plan: core.Run
         .flat_map(decode_rows, fn_kwargs={"root": str(root), "options": read_options})
         .map_batches(
             _Segmenter,
-            fn_constructor_kwargs={"factory": factory, "root": str(root), "out": str(out), "overlays": overlays},
+            fn_constructor_kwargs={"factory": factory, "root": str(root), "out": str(out), "overlays": overlays,
+                                   "extras": extras},
             batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=num_workers),
             num_gpus=gpus_per_worker or None, num_cpus=cpus_per_worker,

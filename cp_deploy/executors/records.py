@@ -68,7 +68,7 @@ def file_record(rel: str, frames: int, info: dict, single: dict | None, outputs:
         if error:
             rec["status"] = "error"
     if outputs:
-        rec["outputs"] = outputs
+        rec["outputs"] = {**rec.get("outputs", {}), **outputs}  # a single frame's own (instances) stay
     if error and "error" not in rec:
         rec["error"] = error
     return rec

@@ -1,11 +1,11 @@
 """Medical image formats: readers give arrays plus what is needed to write results back.
 
 ``read_input`` dispatches on the file: DICOM (``.dcm``, ``.dicom`` or the ``DICM`` preamble),
-NIfTI (``.nii``, ``.nii.gz``), anything else to :func:`cp_deploy.files.read_pages` (every page of a
-multi-page TIFF is a frame). Every reader returns a :class:`Decoded`: one or more frames as
-stored (the pipeline's ``to_rgb_uint8`` does the conversion, as for any image) and, for formats
-that have one, a write-back that turns the frames' masks into the format's own output (DICOM-SEG,
-mask NIfTI).
+NIfTI (``.nii``, ``.nii.gz``), video (``.mp4``, ``.avi``, ``.mov``), anything else to
+:func:`cp_deploy.files.read_pages` (every page of a multi-page TIFF is a frame). Every reader
+returns a :class:`Decoded`: one or more frames as stored (the pipeline's ``to_rgb_uint8`` does
+the conversion, as for any image) and, for formats that have one, a write-back that turns the
+frames' masks into the format's own output (DICOM-SEG, mask NIfTI, overlay video).
 """
 
 from __future__ import annotations
@@ -24,18 +24,20 @@ from cp_deploy.formats.base import (
 )
 from cp_deploy.formats.dicom import read_dicom
 from cp_deploy.formats.nifti import read_nifti
+from cp_deploy.formats.video import VIDEO_EXTENSIONS, is_video_path, read_video
 
 __all__ = ["Decoded", "MissingExtraError", "ReadOptions", "discover_inputs", "is_input_file", "read_input"]
 
 
 def is_input_file(path: Path) -> bool:
-    """An image, DICOM or NIfTI file that ``cp-deploy batch`` reads."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS or is_nifti_path(path) or is_dicom_file(path)
+    """An image, DICOM, NIfTI or video file that ``cp-deploy batch`` reads."""
+    return (path.suffix.lower() in IMAGE_EXTENSIONS or is_nifti_path(path) or is_video_path(path)
+            or is_dicom_file(path))
 
 
 def discover_inputs(root: str | Path, unreadable: dict[Path, str] | None = None) -> list[Path]:
     """Every file under ``root`` that :func:`read_input` reads, as ``files.discover_images`` lists them."""
-    kinds = ", ".join((*IMAGE_EXTENSIONS, *DICOM_EXTENSIONS, *NIFTI_EXTENSIONS))
+    kinds = ", ".join((*IMAGE_EXTENSIONS, *DICOM_EXTENSIONS, *NIFTI_EXTENSIONS, *VIDEO_EXTENSIONS))
     return discover_images(root, accept=is_input_file, unreadable=unreadable, looked_for=kinds)
 
 
@@ -47,6 +49,8 @@ def read_input(path: str | Path, options: ReadOptions | None = None) -> Decoded:
         return _read_pages(path, options)
     if is_nifti_path(path):
         return read_nifti(path, options)
+    if is_video_path(path):
+        return read_video(path, options)
     if is_dicom_file(path):
         return read_dicom(path, options)
     return _read_pages(path, options)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp_deploy.files import MAX_PIXELS
+from cp_deploy.constants import MAX_PIXELS
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")

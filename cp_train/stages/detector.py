@@ -16,23 +16,24 @@ from cp_deploy.errors import RecipeError
 from cp_deploy.models.build import stage_entry
 from cp_deploy.models.registry import BuildContext, DetectorFamily, build_detector, detector_family
 from cp_deploy.preprocess import PreprocessConfig
+from cp_train import defaults
 from cp_train.data import Dataset
 from cp_train.stages.common import Setup, finish, setup, work_dir
 from cp_train.trainers.detector import embedding_batches, image_batches, make_train_epoch
 from cp_train.trainers.loop import LoopConfig, fit
-from cp_train.validate import tune_detection, validate_detector
+from cp_train.validate import metric_name, tune_detection, validate_detector
 
 
 @dataclass
 class DetectorRecipe(LoopConfig):
     """How to train the detector; the loop's fields (epochs, lr, seed, ema...) plus these."""
 
-    epochs: int = 8
+    epochs: int = defaults.STAGE_EPOCHS["detector"]
     batch_size: int = 16
     lr: float = 5e-4
-    arch: str = "lite0_centernet"  # a registered detector family
-    size: int = 256  # input side of a detector that reads the image
-    freeze: int = 2  # backbone stages after the stem kept at their ImageNet weights (0: none)
+    arch: str = defaults.DETECTOR_ARCH  # a registered detector family
+    size: int = defaults.DETECTOR_SIZE  # input side of a detector that reads the image
+    freeze: int = defaults.DETECTOR_FREEZE  # backbone stages after the stem kept at their ImageNet weights (0: none)
     val_metric: str = "sam"  # "sam": the box pass's mDice; "boxes": the boxes' Dice, no SAM
     giou: float = 0.0  # CenterNet families: weight of the GIoU term
     device: str = "cpu"
@@ -51,7 +52,7 @@ def train(base: Bundle, data: Dataset, recipe: DetectorRecipe, out: Path, work: 
         raise RecipeError(f"--giou is for detectors whose loss has a GIoU term (CenterNet's); {family.name}'s has "
                           "its own, so drop --giou")
     work = work_dir(out, work)
-    s = setup(base, data, sam=recipe.val_metric == "sam")
+    s = setup(base, data, "detector", recipe, sam=recipe.val_metric == "sam")
     net, config, pre = _start(base, family, recipe, s)
     spec = dataclasses.replace(base, detector=StageSpec(family.name, config, family.reads, None, None, pre))
     frozen = _freeze(net, recipe.freeze)
@@ -73,7 +74,8 @@ def train(base: Bundle, data: Dataset, recipe: DetectorRecipe, out: Path, work: 
 
     params = [p for p in net.parameters() if p.requires_grad]
     state = fit("detector", net, params, train_epoch,
-                lambda m: validate_detector(spec, m, s.val, recipe.val_metric, device), recipe, work)
+                lambda m: validate_detector(spec, m, s.val, recipe.val_metric, device), recipe, work,
+                metric_name("detector", recipe.val_metric), data.progress)
     net.load_state_dict(state)
     tuned = tune_detection(spec, net, s.val, recipe.val_metric, device, log=work / "detector" / "tuning.jsonl")
     entry = stage_entry(family.name, config, family.reads, pre.to_dict() if pre else None)

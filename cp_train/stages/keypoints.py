@@ -13,11 +13,12 @@ from cp_deploy.models.build import stage_entry
 from cp_deploy.models.families.topdown_heatmap import load_backbone
 from cp_deploy.models.registry import BuildContext, build_keypoint_net, keypoint_family
 from cp_deploy.preprocess import PreprocessConfig
+from cp_train import defaults
 from cp_train.data import Dataset
 from cp_train.stages.common import finish, imagenet_start, instance_data, setup, work_dir
 from cp_train.trainers.loop import LoopConfig, fit
 from cp_train.trainers.sam import image_reader, instance_targets, make_keypoint_epoch
-from cp_train.validate import validate_keypoints
+from cp_train.validate import metric_name, validate_keypoints
 
 INITS = ("base", "fresh")
 
@@ -26,7 +27,7 @@ INITS = ("base", "fresh")
 class KeypointRecipe(LoopConfig):
     """How to train the keypoint net: the loop's fields plus the net (``None``: the base's)."""
 
-    epochs: int = 6
+    epochs: int = defaults.STAGE_EPOCHS["keypoints"]
     batch_size: int = 16
     lr: float = 1e-3
     arch: str | None = None  # a registered keypoint family; None: the base bundle's
@@ -47,7 +48,7 @@ def train(base: Bundle, data: Dataset, recipe: KeypointRecipe, out: Path, work: 
     old = base.keypoints
     family = keypoint_family(recipe.arch or old.arch)
     same_family = keypoint_family(old.arch) is family
-    s = setup(base, data)
+    s = setup(base, data, "keypoints", recipe)
     d = instance_data(base, s, embed=family.reads == "embedding")  # a net on image crops needs no embeddings
     pre = None
     if family.reads == "image":
@@ -75,5 +76,5 @@ def train(base: Bundle, data: Dataset, recipe: KeypointRecipe, out: Path, work: 
     epoch = make_keypoint_epoch(targets, features, recipe.batch_size, recipe.seed, float(config["margin"]),
                                 sigma=float(config.get("sigma", 1.5)))
     state = fit("keypoints", net, list(net.parameters()), epoch, lambda m: validate_keypoints(spec, m, s.val),
-                recipe, work_dir(out, work))
+                recipe, work_dir(out, work), metric_name("keypoints"), data.progress)
     return finish(base, "keypoints", s, recipe, out, {"keypoints": (entry, state)})

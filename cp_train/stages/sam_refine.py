@@ -9,11 +9,12 @@ from pathlib import Path
 from cp_deploy.bundle import EDGE_LABELS, Bundle
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
+from cp_train import defaults
 from cp_train.data import Dataset
 from cp_train.stages.common import finish, instance_data, setup, work_dir
 from cp_train.trainers.loop import LoopConfig, fit
 from cp_train.trainers.sam import make_sam_epoch, predicted_points
-from cp_train.validate import validate_head
+from cp_train.validate import metric_name, validate_head
 
 POINT_SOURCES = ("gt", "predicted")
 
@@ -22,10 +23,10 @@ POINT_SOURCES = ("gt", "predicted")
 class SamRefineRecipe(LoopConfig):
     """How to train the refine head: the loop's fields plus where its edge points come from."""
 
-    epochs: int = 3
+    epochs: int = defaults.STAGE_EPOCHS["sam-refine"]
     batch_size: int = 4
     lr: float = 1e-4
-    point_jitter: float = 0.02  # Gaussian noise on the training points, in box sides
+    point_jitter: float = defaults.POINT_JITTER  # Gaussian noise on the training points, in box sides
     train_points: str = "gt"  # "gt", or "predicted": the base's keypoint net's on each jittered box
     val_points: str = "gt"  # the same choice for validation
 
@@ -37,7 +38,7 @@ class SamRefineRecipe(LoopConfig):
 
 def train(base: Bundle, data: Dataset, recipe: SamRefineRecipe, out: Path, work: Path | None = None) -> Bundle:
     """Train the refine head on ``data`` and write ``out``: ``base`` with that head."""
-    s = setup(base, data)
+    s = setup(base, data, "sam-refine", recipe)
     d = instance_data(base, s)
     models = s.val.models
     source = None
@@ -49,5 +50,6 @@ def train(base: Bundle, data: Dataset, recipe: SamRefineRecipe, out: Path, work:
                            point_jitter=recipe.point_jitter, point_source=source)
     gt_points = recipe.val_points == "gt"
     state = fit("sam-refine", models.refine, list(models.refine.parameters()), epoch,
-                lambda m: validate_head(base, "refine", m, s.val, gt_points), recipe, work_dir(out, work))
+                lambda m: validate_head(base, "refine", m, s.val, gt_points), recipe, work_dir(out, work),
+                metric_name("sam-refine", points=recipe.val_points), data.progress)
     return finish(base, "sam-refine", s, recipe, out, {"refine": (None, state)})

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from cp_deploy.errors import CheckpointError
 from cp_deploy.files import atomic_write_bytes
@@ -40,8 +41,13 @@ def fit(
     validate: Callable[[nn.Module], dict],
     cfg: LoopConfig,
     work_dir: str | Path,
+    metric: str = "val mDice",
+    progress: bool = False,
 ) -> dict:
     """Train ``model`` and return its best state dict (by validation mDice).
+
+    ``metric`` names what ``validate``'s ``mDice`` measures (e.g. "val mDice (gt boxes)"), in the
+    log and the printed lines; ``progress`` shows a bar over each epoch's optimiser steps.
 
     ``train_epoch(model, optimiser, epoch)`` returns the epoch's mean loss. After every epoch the
     model is validated, ``last.pt`` (model, optimiser, epoch, best) is written atomically and, on
@@ -65,6 +71,9 @@ def fit(
         opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, cfg.epochs) / cfg.epochs))
     )
     ema = _ema(model, cfg.ema, opt)
+    bar: list[tqdm] = []  # the running epoch's bar, advanced by every optimiser step
+    opt.register_step_post_hook(lambda *_: bar[0].update(1) if bar else None)
+    steps: int | None = None  # known after the first epoch
     evaluated = ema.module if ema is not None else model
     start, best, best_state = 0, -1.0, None
     last, best_path, log = work / "last.pt", work / "best.pt", work / "log.jsonl"
@@ -91,13 +100,20 @@ def fit(
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        loss = train_epoch(trained, opt, epoch)
+        lr = opt.param_groups[0]["lr"]  # the epoch's own: the schedule steps once per epoch, after it
+        bar[:] = [tqdm(total=steps, desc=f"[{name}] epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                       disable=not progress or not distributed.is_main())]
+        try:
+            loss = train_epoch(trained, opt, epoch)
+        finally:
+            steps = bar[0].n or steps
+            bar.pop().close()
         sched.step()
         evaluated.eval()
         with torch.no_grad():
             val = validate(evaluated)
         rec = {"epoch": epoch + 1, "loss": round(float(loss), 5), **{k: round(float(v), 5) for k, v in val.items()},
-               "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 1)}
+               "metric": metric, "lr": lr, "seconds": round(time.perf_counter() - t0, 1)}
         improved = val["mDice"] > best
         if improved:
             best = val["mDice"]
@@ -110,8 +126,9 @@ def fit(
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
                           **({"ema": ema.state_dict()} if ema is not None else {})}, last)
-            print(f"[{name}] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} "
-                  + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + (" *best*" if improved else ""), flush=True)
+            others = "".join(f", {k} {v:.4f}" for k, v in val.items() if k != "mDice")
+            print(f"[{name}] epoch {epoch + 1}/{cfg.epochs} lr {lr:.3g} loss {loss:.4f}, {metric} {val['mDice']:.4f}"
+                  + others + (" *best*" if improved else ""), flush=True)
         distributed.barrier()  # best.pt is read by every rank at the end
     if best_path.is_file():
         best_state = _load_checkpoint(best_path, ("model",))["model"]

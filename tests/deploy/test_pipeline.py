@@ -11,7 +11,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from cp_deploy.bundle import PROMPT_MODES
+from cp_deploy.constants import PROMPT_MODES
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.models.sam import load_sam
 from cp_deploy.pipeline import (

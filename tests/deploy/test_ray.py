@@ -208,8 +208,12 @@ class KillOnce:
         pipeline.predict = predict_or_die
         return pipeline
 
-    def settings(self, slice_axis: int | None = None) -> dict:
-        return self.factory.settings(slice_axis)
+    @property
+    def bundle(self) -> str | None:
+        return self.factory.bundle
+
+    def settings(self, slice_axis: int | None = None, bundle=None) -> dict:
+        return self.factory.settings(slice_axis, bundle)
 
 
 def test_killed_worker_is_retried_and_every_image_done_once(ray_cluster, tiny_bundle, inputs, local_run, tmp_path):

@@ -1,0 +1,13 @@
+"""``--device auto``: the device a run gets when the user names none, resolved after parsing."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` where torch sees a GPU, else ``cpu``; other spellings pass unchanged
+    (``cp_deploy.executors.check_device`` then checks that the GPU named is there)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
