@@ -24,7 +24,7 @@ from cp_deploy.executors.names import file_output_rel, frame_key, frame_mask_rel
 from cp_deploy.executors.output import write_run_info
 from cp_deploy.executors.records import error_record, file_record, folder_record, result_record, with_frame
 from cp_deploy.files import atomic_write_bytes, encode_image, read_mask, remove_stale_temporaries, write_mask
-from cp_deploy.formats import Decoded, ReadOptions, discover_inputs, read_input
+from cp_deploy.formats import Decoded, ReadOptions, read_input
 from cp_deploy.journal import RunJournal
 from cp_deploy.pipeline import CurriculumPipeline, ImageResult
 from cp_deploy.preprocess import to_rgb_uint8
@@ -92,12 +92,6 @@ class RunPlan:
             if label and rel in todo:
                 by_file.setdefault(rel, []).append(key)
         return by_file
-
-
-def list_inputs(root: Path) -> tuple[list[Path], dict[Path, str]]:
-    """The inputs under ``root`` and the folders that could not be listed (relative path -> why)."""
-    unreadable: dict[Path, str] = {}
-    return discover_inputs(root, unreadable), unreadable
 
 
 def plan_run(root: Path, out: Path, files: list[Path], unreadable: dict[Path, str], settings: dict,

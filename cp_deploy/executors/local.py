@@ -31,11 +31,11 @@ from cp_deploy.executors.core import (
     Writer,
     decode_timed,
     finish_file,
-    list_inputs,
     plan_run,
     segment_items,
     work_for,
 )
+from cp_deploy.executors.inputs import list_inputs
 from cp_deploy.executors.instances import check_coco, write_coco
 from cp_deploy.executors.ledger import Ledger
 from cp_deploy.executors.output import claim_output
@@ -138,15 +138,16 @@ def run_folder(
     t_start = time.perf_counter()
     if coco:
         check_coco()
-    root, out = Path(input_dir), Path(output_dir)
+    out = Path(output_dir)
     read_options = read_options or ReadOptions()
     if isinstance(pipeline, PipelineFactory):
         bundle = load_bundle(pipeline.bundle)  # checked, not built: the networks load after the checks
         settings = pipeline.settings(read_options.slice_axis, bundle)
     else:
         settings = pipeline_settings(pipeline, read_options.slice_axis)
-    files, unreadable = list_inputs(root)
-    with claim_output(root, out, settings, resume=resume, overwrite=overwrite):
+    inputs = list_inputs(input_dir)
+    root, files, unreadable = inputs.root, inputs.files, inputs.unreadable
+    with claim_output(inputs, out, settings, resume=resume, overwrite=overwrite):
         if isinstance(pipeline, PipelineFactory):
             pipeline = pipeline(bundle)
         try:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cp_deploy.errors import InputError
+from cp_deploy.executors.inputs import Inputs
 from cp_deploy.files import atomic_write_bytes
 from cp_deploy.journal import JOURNAL_FILE, RESULTS_FILE
 
@@ -61,11 +62,16 @@ def write_run_info(out: Path, info: dict) -> None:
     atomic_write_bytes(out / RUN_FILE, json.dumps(info, indent=1).encode("utf-8"))
 
 
-def _check_location(root: Path, out: Path) -> None:
-    root, out = root.resolve(), out.resolve()
-    if out == root or root in out.parents:
-        raise InputError(f"{out}: --output is inside --input '{root}', so a rerun would segment the run's own "
+def _check_location(inputs: Inputs, out: Path) -> None:
+    out = out.resolve()
+    rescanned = inputs.rescanned.resolve() if inputs.rescanned is not None else None
+    if rescanned is not None and (out == rescanned or rescanned in out.parents):
+        raise InputError(f"{out}: --output is inside --input '{rescanned}', so a rerun would segment the run's own "
                          "masks and overlays; pass an --output outside the input folder")
+    inside = [f for f in inputs.files if out in (inputs.root / f).resolve().parents]
+    if inside:
+        raise InputError(f"{out}: --output holds the input {inputs.root / inside[0]}, which --overwrite could "
+                         "remove; pass an --output that holds no input")
 
 
 def _probe(out: Path) -> None:
@@ -149,15 +155,15 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 
 @contextmanager
-def claim_output(input_dir: str | Path, output_dir: str | Path, settings: dict, resume: bool = False,
+def claim_output(inputs: Inputs, output_dir: str | Path, settings: dict, resume: bool = False,
                  overwrite: bool = False) -> Iterator[None]:
     """Check and lock the output folder for one run (see the module docstring), held while the
     ``with`` body runs. Nothing is loaded or segmented yet; on ``resume``, ``settings``
     (:func:`cp_deploy.executors.run_settings`) must equal those in ``run.json``."""
-    root, out = Path(input_dir), Path(output_dir)
+    out = Path(output_dir)
     if resume and overwrite:
         raise InputError(f"{out}: --resume and --overwrite contradict each other; pass one of them")
-    _check_location(root, out)
+    _check_location(inputs, out)
     _probe(out)
     fd = _lock(out)
     try:

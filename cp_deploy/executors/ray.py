@@ -28,6 +28,7 @@ from cp_deploy.bundle import load_bundle
 from cp_deploy.errors import MissingExtraError, WriteFailed
 from cp_deploy.executors import PipelineFactory, core
 from cp_deploy.executors.core import Extras, FileWork, WorkItem, WriteBack
+from cp_deploy.executors.inputs import list_inputs
 from cp_deploy.executors.instances import check_coco, write_coco
 from cp_deploy.executors.ledger import Ledger
 from cp_deploy.executors.output import claim_output
@@ -150,13 +151,14 @@ def run_folder_ray(
     ray = _import_ray()
     if coco:
         check_coco()
-    root, out = Path(input_dir).resolve(), Path(output_dir).resolve()
+    out = Path(output_dir).resolve()
     read_options = read_options or ReadOptions()
     bundle = load_bundle(factory.bundle)
     settings = factory.settings(read_options.slice_axis, bundle)
     extras = Extras(coco, save_logits)
-    files, unreadable = core.list_inputs(root)
-    with claim_output(root, out, settings, resume=resume, overwrite=overwrite):
+    inputs = list_inputs(input_dir)
+    root, files, unreadable = inputs.root.resolve(), inputs.files, inputs.unreadable
+    with claim_output(inputs, out, settings, resume=resume, overwrite=overwrite):
         try:
             return _run(ray, factory, root, out, files, unreadable, settings, resume, batch_size=batch_size,
                         overlays=overlays, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
