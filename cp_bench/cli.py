@@ -1,7 +1,7 @@
 """``cp-bench``: accuracy over a split, speed against the SamPredictor loop, memory against images.
 
     cp-bench accuracy --data D --split D/splits/test.txt [--bundle B] [--rows all|2,5] [--json F]
-    cp-bench speed [--bundle B] [--engine torch|onnxruntime|trt] [--device cpu|cuda] [--batch-size N]
+    cp-bench speed [--bundle B] [--engine torch|onnxruntime|openvino|trt] [--device cpu|cuda] [--batch-size N]
                    [--images N] [--image-dir DIR] [--reference] [--json F]
     cp-bench memory [--sizes 100 10000] [--json F]
 
@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "pipeline after a warm-up; --reference also times the naive SamPredictor loop "
                                     "on the same weights and images.")
     sp.add_argument("--bundle", default=None, help=bundle_help)
-    sp.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "trt"], help="engine to time")
-    sp.add_argument("--graphs", default=None, help="exported graphs for onnxruntime/trt (default BUNDLE/onnx|trt)")
+    sp.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "openvino", "trt"],
+                    help="engine to time")
+    sp.add_argument("--graphs", default=None, 
+                    help="exported graphs for onnxruntime/openvino/trt (default BUNDLE/onnx|trt)")
     sp.add_argument("--device", default="auto", type=common.device, help=common.DEVICE_HELP)
     sp.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
     sp.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="torch engine precision")
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--images", type=int, default=15, help="images to time (cycled from --image-dir)")
     sp.add_argument("--image-dir", default="examples/images", help="folder of images ('' for synthetic ones)")
     sp.add_argument("--reference", action="store_true", help="also time the SamPredictor reference, same images")
-    sp.add_argument("--threads", type=int, default=0, help="CPU threads of torch / ONNX Runtime (0: default)")
+    sp.add_argument("--threads", type=int, default=0, 
+                    help="CPU threads of torch / ONNX Runtime / OpenVINO (0: default)")
     sp.add_argument("--json", default=None, help="write the numbers here too")
     sp.set_defaults(run="run_speed")
 

@@ -40,7 +40,8 @@ def run_accuracy(a: Flags) -> int:
 
 def run_speed(a: Flags) -> int:
     """``cp-bench speed``: the pipeline's throughput, and the SamPredictor loop's with --reference."""
-    cfg = speed.SpeedConfig(bundle=a.bundle, engine=a.engine, graphs=a.graphs, device=resolve_device(a.device),
+    cfg = speed.SpeedConfig(bundle=a.bundle, engine=a.engine, graphs=a.graphs,
+                            device=resolve_device(a.device, a.engine),
                             batch_size=a.batch_size, precision=a.precision, compile=a.compile, images=a.images,
                             image_dir=a.image_dir, reference=a.reference, threads=a.threads)
     result = speed.measure_speed(cfg)

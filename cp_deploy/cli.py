@@ -89,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "'data/**/*.png', or a text file listing input paths, one per line (# starts a comment)")
     b.add_argument("--output", required=True, help="folder for masks/, overlays/ and results.jsonl")
     b.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped with the package)")
-    b.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "trt"], help="inference engine")
+    b.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "openvino", "trt"],
+                   help="inference engine (openvino: CPU only)")
     b.add_argument("--graphs", default=None,
-                   help="folder of exported graphs for --engine onnxruntime|trt (default: BUNDLE/onnx or BUNDLE/trt)")
+                   help="folder of exported graphs for --engine onnxruntime|openvino|trt (default: BUNDLE/onnx, "
+                        "or BUNDLE/trt for trt)")
     b.add_argument("--device", default="auto", type=device,
-                   help=f"device: {DEVICE_HELP} (trt always runs on cuda)")
+                   help=f"device: {DEVICE_HELP} (trt always runs on cuda, openvino on cpu)")
     b.add_argument("--batch-size", type=int, default=1, help="images per encoder call")
     b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="torch engine: autocast precision (LayerNorm and softmax stay fp32); bf16 on recent GPUs")
@@ -121,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace cp-deploy's outputs in a non-empty --output (masks/, overlays/, results, run.json, "
                         "eval.csv, report.html); other files there are kept")
     b.add_argument("--workers", type=int, default=2, help="image-decoding threads")
-    b.add_argument("--threads", type=int, default=0, help="CPU threads of torch or ONNX Runtime (0: their default)")
+    b.add_argument("--threads", type=int, default=0, 
+                   help="CPU threads of torch, ONNX Runtime or OpenVINO (0: their default)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--slice-axis", type=int, default=None, choices=[0, 1, 2],
                    help="NIfTI volumes: voxel axis to slice along (default: the axis of largest voxel spacing)")

@@ -38,7 +38,7 @@ def batch(args: Flags) -> int:
     if args.executor == "ray" and args.device == "auto":  # the actors' GPUs, not the driver's, decide
         device = "cuda" if args.gpus_per_worker else "cpu"
     else:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, args.engine)
     # Ray actors may have GPUs the driver lacks: there only the spelling of --device is checked.
     check_device(device, args.engine, count_gpus=args.executor == "local")
     options = PipelineOptions(

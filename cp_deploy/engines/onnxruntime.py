@@ -8,19 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cp_deploy.bundle import Bundle
+from cp_deploy.engines.graphs import DTYPES as _DTYPES
 from cp_deploy.engines.graphs import GraphEngine
-from cp_deploy.engines.manifest import GRAPHS, load_graph_folder, resolve_shape
+from cp_deploy.engines.manifest import GRAPHS, resolve_shape
 from cp_deploy.errors import EngineError
-
-_DTYPES = {"float32": (np.float32, torch.float32), "int64": (np.int64, torch.int64)}
-
-
-def _hint(bundle: Bundle, folder: Path) -> str:
-    return f"export them with: cp-export onnx --bundle {bundle.root} --out {folder}"
 
 
 def import_onnxruntime():
@@ -40,9 +34,7 @@ class OnnxRuntimeEngine(GraphEngine):
     def __init__(self, bundle: Bundle, device: str = "cpu", onnx_dir: str | Path | None = None,
                  threads: int = 0) -> None:
         ort = import_onnxruntime()
-        self.folder = Path(onnx_dir) if onnx_dir is not None else bundle.root / "onnx"
-        hint = _hint(bundle, self.folder)
-        self.manifest, paths = load_graph_folder(self.folder, bundle, hint)
+        hint, paths = self.load_onnx_folder(bundle, onnx_dir)
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -64,15 +56,12 @@ class OnnxRuntimeEngine(GraphEngine):
                 self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
                 raise EngineError(f"{path}: cannot load the ONNX graph ({str(e).splitlines()[0]}); {hint}") from e
-        self.mask_size = tuple(self.manifest["graphs"]["box"]["inputs"][3].shape[-2:])
 
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Run one graph; inputs and outputs are torch tensors on :attr:`device`."""
         spec = self.manifest["graphs"][graph]
         if self.device.type != "cuda":
-            arrays = {t.name: feeds[t.name].detach().cpu().numpy().astype(_DTYPES[t.dtype][0], copy=False)
-                      for t in spec["inputs"]}
-            return [torch.from_numpy(o) for o in self.sessions[graph].run(None, arrays)]
+            return [torch.from_numpy(o) for o in self.sessions[graph].run(None, self.numpy_feeds(graph, feeds))]
         binding = self.sessions[graph].io_binding()
         dims: dict[str, int] = {}
         keep = []

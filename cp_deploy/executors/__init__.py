@@ -14,7 +14,8 @@ import torch
 from cp_deploy import __version__
 from cp_deploy.bundle import BUNDLE_FILE, Bundle, PromptSettings, load_bundle
 from cp_deploy.engines.manifest import MANIFEST_FILE
-from cp_deploy.errors import InputError
+from cp_deploy.engines.openvino import CPU_ONLY as OPENVINO_CPU_ONLY
+from cp_deploy.errors import EngineError, InputError
 from cp_deploy.executors.output import RunSettings
 from cp_deploy.models.weights import sha256_file
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
@@ -83,6 +84,8 @@ def check_device(device: str, engine: str, count_gpus: bool = True) -> None:
     the GPUs are on other machines (Ray workers)."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise InputError(f"--device {device}: not a device; pass cpu, cuda or cuda:N")
+    if engine == "openvino" and device != "cpu":
+        raise EngineError(OPENVINO_CPU_ONLY)
     if not count_gpus or (device == "cpu" and engine != "trt"):
         return
     n = torch.cuda.device_count()
