@@ -367,6 +367,7 @@ def derive_bundle(base: Bundle, out: str | Path, replace: dict[str, tuple[dict |
 
     ``replace`` maps ``detector``, ``keypoints``, ``box`` or ``refine`` to (new bundle.json entry
     or ``None`` to keep the entry, weights). Files of the stages kept are copied with their hashes.
+    ``metadata`` updates the base's; a key given as ``None`` is removed.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -390,7 +391,12 @@ def derive_bundle(base: Bundle, out: str | Path, replace: dict[str, tuple[dict |
     sam = spec["sam"]
     if sam.get("checkpoint") and not Path(sam["checkpoint"]).is_absolute():
         _copy_file(base.root / sam["checkpoint"], out)
-    spec.setdefault("metadata", {}).update(metadata or {})
+    meta = spec.setdefault("metadata", {})
+    for k, v in (metadata or {}).items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
     spec.setdefault("prompt", {}).update(prompt or {})
     # fp16 storage halves the bundle; the networks run in the engine's own precision.
     return write_bundle(out, spec, {k: v[1] for k, v in replace.items()}, weight_dtype=torch.float16)

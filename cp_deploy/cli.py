@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable, Iterator
 
 from cp_deploy import __version__
 from cp_deploy.constants import MAX_PIXELS, NSD_TOLERANCE, PROMPT_MODES
@@ -53,26 +52,6 @@ def device(value: str) -> str:
     if not re.fullmatch(DEVICE_PATTERN, value):
         raise argparse.ArgumentTypeError(f"{value!r} is not a device; pass {DEVICE_HELP}")
     return value
-
-
-class LazyChoices:
-    """Choices computed on first use, for names that live behind a torch import (registered model
-    families): help shows the flag's metavar, and only a given value loads the names to check it."""
-
-    def __init__(self, names: Callable[[], list[str]]) -> None:
-        self._names = names
-        self._cached: list[str] | None = None
-
-    def _get(self) -> list[str]:
-        if self._cached is None:
-            self._cached = list(self._names())
-        return self._cached
-
-    def __contains__(self, value: object) -> bool:
-        return value in self._get()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._get())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,7 +107,7 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, csv_path: str | Path
         else:
             missing.append(key)
             pred = np.zeros_like(gt)
-        row = {"image": key, "dice": dice(pred, gt), "iou": iou(pred, gt)}
+        row = {"image": key, "gt": g.as_posix(), "dice": dice(pred, gt), "iou": iou(pred, gt)}
         if surface:
             row["hd95"], row["nsd"] = surface_metrics(pred, gt, nsd_tolerance)
         rows.append(row)

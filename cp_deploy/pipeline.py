@@ -209,6 +209,7 @@ class Batch:
         self.images = [to_rgb_uint8(im) for im in images]
         self.device = device
         self._inputs: dict[PreprocessConfig, torch.Tensor] = {}
+        self._resizes: dict[PreprocessConfig, Resize] = {}
 
     def __len__(self) -> int:
         return len(self.images)
@@ -218,8 +219,10 @@ class Batch:
         return [Geometry.for_image(im.shape[:2], cfg.image_size) for im in self.images]
 
     def resize(self, cfg: PreprocessConfig) -> Resize:
-        """:meth:`geometry` as a :class:`Resize` on the device."""
-        return Resize.of(self.geometry(cfg), self.device)
+        """:meth:`geometry` as a :class:`Resize` on the device, built once per config."""
+        if cfg not in self._resizes:
+            self._resizes[cfg] = Resize.of(self.geometry(cfg), self.device)
+        return self._resizes[cfg]
 
     def inputs(self, cfg: PreprocessConfig) -> torch.Tensor:
         """Bx3xSxS model input for ``cfg`` on the device.
@@ -266,11 +269,14 @@ class Instances:
 class Passes:
     """The decoder passes' outputs: coarse and final Nx1xhxw logits (``None`` where a pass did
     not run or there are no instances), the final pass's Nx1 IoU, and the edge points (Nx8x2
-    input pixels) with their Nx8 scores."""
+    input pixels) with their Nx8 scores; ``embeddings`` and ``sam_boxes`` are each instance's
+    image embedding and box in SAM's frame, gathered once for both passes."""
 
     points: torch.Tensor
     point_scores: torch.Tensor
     iou: torch.Tensor
+    embeddings: torch.Tensor
+    sam_boxes: torch.Tensor
     coarse: torch.Tensor | None = None
     final: torch.Tensor | None = None
 
@@ -347,7 +353,7 @@ class CurriculumPipeline:
         with dt["keypoints"]:
             self._edge_points(batch, emb, inst, passes, points)
         with dt["refine"]:
-            self._refine_pass(batch, emb, inst, passes)
+            self._refine_pass(batch, inst, passes)
         with dt["postprocess"]:
             results = self._postprocess(batch, inst, passes)
         per_image = {s: round(t.ms / len(images), 3) for s, t in dt.items()}
@@ -438,9 +444,10 @@ class CurriculumPipeline:
         k = EDGE_POINTS if self.prompt_mode.points else 0
         n = len(inst)
         passes = Passes(torch.zeros(n, k, 2, device=self.device), torch.zeros(n, k, device=self.device),
-                        torch.zeros(n, 1, device=self.device))
+                        torch.zeros(n, 1, device=self.device), emb[inst.image],
+                        batch.resize(self.sam_cfg)[inst.image].boxes_to_model(inst.boxes))
         if n and self.prompt_mode.coarse:
-            passes.coarse, passes.iou = self.engine.decode("box", emb[inst.image], boxes=self._sam_boxes(batch, inst))
+            passes.coarse, passes.iou = self.engine.decode("box", passes.embeddings, boxes=passes.sam_boxes)
             passes.final = passes.coarse
         return passes
 
@@ -470,7 +477,7 @@ class CurriculumPipeline:
         pts, conf = decode_heatmaps(heat, crops.to(heat.device))
         return batch.resize(feats_cfg)[image].points_to_image(pts.to(self.device)), conf.to(self.device)
 
-    def _refine_pass(self, batch: Batch, emb: torch.Tensor, inst: Instances, passes: Passes) -> None:
+    def _refine_pass(self, batch: Batch, inst: Instances, passes: Passes) -> None:
         """The refine head on the mode's prompts, when the mode runs it."""
         prompts = self.prompt_mode.refine
         if not (len(inst) and prompts):
@@ -481,13 +488,10 @@ class CurriculumPipeline:
             label = 1 if self.prompt_mode.positive_points else self.edge_label
             point_prompt = (pts, torch.full(pts.shape[:2], label, dtype=torch.int64, device=self.device))
         passes.final, passes.iou = self.engine.decode(
-            "refine", emb[inst.image], points=point_prompt,
-            boxes=self._sam_boxes(batch, inst) if "box" in prompts else None,
+            "refine", passes.embeddings, points=point_prompt,
+            boxes=passes.sam_boxes if "box" in prompts else None,
             mask_input=passes.coarse if "mask" in prompts else None,
         )
-
-    def _sam_boxes(self, batch: Batch, inst: Instances) -> torch.Tensor:
-        return batch.resize(self.sam_cfg)[inst.image].boxes_to_model(inst.boxes)
 
     def _postprocess(self, batch: Batch, inst: Instances, passes: Passes) -> list[ImageResult]:
         """Masks at each image's size, and every per-instance output as numpy."""

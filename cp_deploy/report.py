@@ -28,7 +28,7 @@ import numpy as np
 
 from cp_deploy.errors import InputError
 from cp_deploy.executors.output import read_run_info
-from cp_deploy.files import atomic_write_bytes, discover_images, read_mask
+from cp_deploy.files import atomic_write_bytes, read_mask
 from cp_deploy.journal import RESULTS_FILE, RunJournal
 from cp_deploy.metrics import evaluate_dirs
 from cp_deploy.visualize import BOX, COARSE, FINAL, GROUND_TRUTH, POINT, draw_ground_truth
@@ -128,13 +128,12 @@ def _gt_scores(run_dir: Path, gt_dir: str | Path, images: list[dict]) -> dict[st
     """Record path -> its Dice, IoU and ground-truth mask file (the mask of the same relative name)."""
     gt_dir = Path(gt_dir)
     rows = {r["image"]: r for r in evaluate_dirs(run_dir, gt_dir)["rows"]}
-    files = {p.with_suffix("").as_posix(): gt_dir / p for p in discover_images(gt_dir)}
     out = {}
     for r in images:
         mask = r.get("mask")
         key = mask[len("masks/"):-len(".png")] if isinstance(mask, str) else None
         if key in rows:
-            out[r["path"]] = {"dice": rows[key]["dice"], "iou": rows[key]["iou"], "gt": files.get(key)}
+            out[r["path"]] = {"dice": rows[key]["dice"], "iou": rows[key]["iou"], "gt": gt_dir / rows[key]["gt"]}
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 
 from cp_deploy.bundle import BUNDLE_FILE, default_bundle_path, load_bundle, update_spec
 from cp_deploy.devices import resolve_device
-from cp_deploy.errors import CPError, UsageError
+from cp_deploy.errors import UsageError, run_command
 from cp_deploy.models.registry import detector_family, keypoint_family
 from cp_train import distributed
 from cp_train.data import Dataset
@@ -40,17 +39,17 @@ def run(args: Flags) -> int:
     if getattr(args, "device", None) == "auto":
         args.device = train_device(args)
     created = distributed.init_from_env()
-    try:
+    def command() -> int:
         result = {"ensemble": _ensemble, "evaluate": _evaluate}.get(args.command, _train)(args)
         if distributed.is_main():  # asked before shutdown, which makes every rank look like rank 0
             print(json.dumps(result))
-    except CPError as e:
-        print(f"cp-train: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return 0
+
+    try:
+        return run_command("cp-train", command)
     finally:
         if created:
             distributed.shutdown()
-    return 0
 
 
 def dataset_from(args: Flags) -> Dataset:

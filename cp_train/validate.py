@@ -58,19 +58,11 @@ def validate_detector(bundle: Bundle, net: nn.Module, val: ValidationSet, metric
 def validate_head(bundle: Bundle, name: str, head: nn.Module, val: ValidationSet, gt_points: bool = True) -> dict:
     """mDice with ground-truth boxes of the ``box`` head's pass, or of the curriculum with ``head``
     as its ``refine`` head (on ground-truth edge points, or with ``gt_points`` False the keypoint
-    net's)."""
+    net's) or as its ``keypoints`` net."""
     models = dataclasses.replace(val.models, **{name: head})
     opts = PipelineOptions(prompts="box" if name == "box" else "curriculum")
     return evaluate(bundle, models, val.samples, val.embeddings, opts, gt_boxes=True,
                     gt_points=name == "refine" and gt_points, progress=val.progress)
-
-
-def validate_keypoints(bundle: Bundle, net: nn.Module, val: ValidationSet) -> dict:
-    """mDice of the curriculum on ground-truth boxes with ``net`` as keypoint net (``bundle``
-    describes it)."""
-    models = dataclasses.replace(val.models, keypoints=net)
-    return evaluate(bundle, models, val.samples, val.embeddings, PipelineOptions(prompts="curriculum"), gt_boxes=True,
-                    progress=val.progress)
 
 
 def tune_detection(bundle: Bundle, net: nn.Module, val: ValidationSet, metric: str = "sam",

@@ -15,7 +15,7 @@ from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.engines.trt import TensorRTEngine
 from cp_deploy.errors import ParityError
 from cp_deploy.files import discover_images, read_image
-from cp_deploy.models.build import build_models
+from cp_deploy.models.build import Models, build_models
 from export.onnx import export_onnx, sample_inputs, write_manifest
 from export.parity import Tolerance, check_parity, synthetic_images
 from export.trt import build_trt
@@ -34,8 +34,9 @@ def _images(folder: str | None, n: int = 4) -> tuple[list[np.ndarray], str]:
     return synthetic_images(n), f"{n} synthetic images"
 
 
-def _parity(bundle, engine, args, random_run) -> dict:
-    torch_engine = TorchEngine(bundle, device="cuda" if engine.device.type == "cuda" else "cpu")
+def _parity(bundle, engine, args, random_run, models: Models | None = None) -> dict:
+    """The exported ``engine`` against the torch engine, on ``models`` when the export built them."""
+    torch_engine = TorchEngine(bundle, device="cuda" if engine.device.type == "cuda" else "cpu", models=models)
     images, source = _images(args.images)
     random_inputs = sample_inputs(bundle, torch_engine.models, batch=3, instances=5, points=10, seed=1)
     tol = Tolerance.for_precision(engine.manifest.get("precision", "fp32"))
@@ -62,12 +63,13 @@ def onnx(args: Flags) -> int:
     bundle = load_bundle(args.bundle)
     out = Path(args.out) if args.out else bundle.root / "onnx"
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    export_onnx(bundle, build_models(bundle), out, opset=args.opset, external_data=external, precision=args.precision)
+    models = build_models(bundle)  # exported, then the parity reference: built once
+    export_onnx(bundle, models, out, opset=args.opset, external_data=external, precision=args.precision)
     if args.no_parity:
         print("cp-export: parity check skipped (--no-parity); engines accept the graphs unchecked")
         return 0
     engine = OnnxRuntimeEngine(bundle, onnx_dir=out)
-    return _finish(out, _parity(bundle, engine, args, lambda g, feeds: engine.run(g, feeds)))
+    return _finish(out, _parity(bundle, engine, args, lambda g, feeds: engine.run(g, feeds), models))
 
 
 def trt(args: Flags) -> int:

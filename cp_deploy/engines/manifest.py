@@ -40,7 +40,7 @@ def bundle_sources(bundle: Bundle) -> dict[str, str | None]:
     package, hash-checked when loaded), and the text prompt where the detector's graph holds it."""
     refs = {"sam": bundle.sam, "box": bundle.box_head, "refine": bundle.refine_head,
             "detector": bundle.detector, "keypoints": bundle.keypoints}
-    out = {k: r.sha256 or (sha256_file(r.file) if r.file is not None else None) for k, r in refs.items()}
+    out = {k: r.sha256 for k, r in refs.items()}  # load_bundle requires a sha256 for every file
     if detector_family(bundle.detector.arch).text_prompted:
         # The prompt's features are constants of the detector graph: another text needs a new export.
         out["prompt.text"] = bundle.prompt.text

@@ -20,8 +20,9 @@ from cp_deploy.executors.output import RunSettings
 from cp_deploy.models.weights import sha256_file
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 
-GRAPH_FOLDERS = {"onnxruntime": "onnx", "trt": "trt"}  # the default --graphs inside a bundle
-ENGINE_NAMES = {"TorchEngine": "torch", "OnnxRuntimeEngine": "onnxruntime", "TensorRTEngine": "trt"}
+GRAPH_FOLDERS = {"onnxruntime": "onnx", "openvino": "onnx", "trt": "trt"}  # the default --graphs inside a bundle
+ENGINE_NAMES = {"TorchEngine": "torch", "OnnxRuntimeEngine": "onnxruntime", "OpenVINOEngine": "openvino",
+                "TensorRTEngine": "trt"}
 
 
 def run_settings(bundle: Bundle, engine: str, graphs: Path | None, precision: str, options: PipelineOptions,

@@ -35,7 +35,6 @@ from cp_deploy.executors.output import claim_output
 from cp_deploy.executors.records import RunSummary
 from cp_deploy.formats import ReadOptions
 
-RAY_EXTRA = "pip install 'curriculum-prompting[ray]'"
 FINISH_CPUS = 0.25  # a file-level output is light next to segmentation; it must not wait for a whole CPU
 
 
@@ -44,7 +43,7 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401 - the [data] part of the extra
     except ImportError as e:
-        raise MissingExtraError(f"--executor ray needs Ray Data, which is not installed: {RAY_EXTRA}") from e
+        raise MissingExtraError.for_feature("--executor ray (Ray Data)", "ray") from e
     return ray
 
 

@@ -325,7 +325,7 @@ def segmentation_bytes(source: Dataset, masks: list[np.ndarray], label: str = "c
         import highdicom as hd
         from pydicom.sr.codedict import codes
     except ImportError:
-        raise MissingExtraError.for_file("DICOM-SEG", "writing DICOM-SEG", EXTRA) from None
+        raise MissingExtraError.for_feature("writing DICOM-SEG", EXTRA) from None
     _quiet_libraries()
     bad = _invalid_copied_element(source)
     if bad:

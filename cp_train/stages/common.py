@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cp_deploy import __version__
-from cp_deploy.bundle import Bundle, derive_bundle, load_bundle, read_spec, write_spec
+from cp_deploy.bundle import Bundle, derive_bundle, load_bundle
 from cp_deploy.models.build import build_models
 from cp_deploy.models.efficientnet import load_lite0_features
 from cp_train import distributed
@@ -103,16 +103,15 @@ def finish(base: Bundle, stage: str, s: Setup, recipe: LoopConfig, out: Path,
            "seconds": round(time.perf_counter() - s.started), "date": time.strftime("%Y-%m-%d"),
            "curriculum_prompting_version": __version__,
            "recipe": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(recipe).items()}}
+    new = {"trained": True, f"trained_{stage}": run}
+    meta = {**base.metadata, **new, "examples": None}
+    meta["description"] = describe(base.name, meta)
+    bundle = None
     if distributed.is_main():
-        derive_bundle(base, out, replace, metadata={"trained": True, f"trained_{stage}": run}, prompt=prompt)
-        spec = read_spec(out)
-        meta = spec["metadata"]
-        meta.pop("examples", None)
-        meta["description"] = describe(base.name, meta)
-        write_spec(out, spec)
+        bundle = derive_bundle(base, out, replace, metadata=meta, prompt=prompt)
         print(f"[{stage}] wrote bundle {out} in {time.perf_counter() - s.started:.0f} s")
     distributed.barrier()
-    return load_bundle(out)
+    return bundle if bundle is not None else load_bundle(out)
 
 
 def describe(base_name: str, meta: dict) -> str:

@@ -18,7 +18,7 @@ from cp_train.data import Dataset
 from cp_train.stages.common import finish, imagenet_start, instance_data, setup, work_dir
 from cp_train.trainers.loop import LoopConfig, fit
 from cp_train.trainers.sam import image_reader, instance_targets, make_keypoint_epoch
-from cp_train.validate import metric_name, validate_keypoints
+from cp_train.validate import metric_name, validate_head
 
 INITS = ("base", "fresh")
 
@@ -75,6 +75,6 @@ def train(base: Bundle, data: Dataset, recipe: KeypointRecipe, out: Path, work: 
         features = image_reader(d.samples, pre)
     epoch = make_keypoint_epoch(targets, features, recipe.batch_size, recipe.seed, float(config["margin"]),
                                 sigma=float(config.get("sigma", 1.5)))
-    state = fit("keypoints", net, list(net.parameters()), epoch, lambda m: validate_keypoints(spec, m, s.val),
+    state = fit("keypoints", net, list(net.parameters()), epoch, lambda m: validate_head(spec, "keypoints", m, s.val),
                 recipe, work_dir(out, work), metric_name("keypoints"), data.progress)
     return finish(base, "keypoints", s, recipe, out, {"keypoints": (entry, state)})

@@ -119,6 +119,9 @@ def test_cp_train_trains_the_family_and_its_bundle_exports_and_runs(dataset, toy
     from cp_train.cli import main as train_main
     from export.cli import main as export_main
 
+    import torch
+
+    torch.manual_seed(0)  # a fresh net's initial weights come from the global generator: fix it for this test
     out = tmp_path / "trained"
     assert train_main(["detector", "--detector-arch", "toy_boxes", "--data", str(dataset), "--split",
                        str(dataset / "train.txt"), "--out", str(out), "--base", str(toy_bundle.root),
