@@ -114,12 +114,12 @@ def test_the_family_exports_and_runs_on_both_engines(toy_bundle, tmp_path):
 def test_cp_train_trains_the_family_and_its_bundle_exports_and_runs(dataset, toy_bundle, tmp_path):
     """``cp-train detector --detector-arch toy_boxes`` trains the family through its own loss (the
     flag's choices come from the registry), and the bundle it writes exports and runs."""
+    import torch
+
     from cp_deploy.bundle import load_bundle
     from cp_deploy.cli import main as deploy_main
     from cp_train.cli import main as train_main
     from export.cli import main as export_main
-
-    import torch
 
     torch.manual_seed(0)  # a fresh net's initial weights come from the global generator: fix it for this test
     out = tmp_path / "trained"
