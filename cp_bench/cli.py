@@ -2,7 +2,7 @@
 
     cp-bench accuracy --data D --split D/splits/test.txt [--bundle B] [--rows all|2,5] [--json F]
     cp-bench speed [--bundle B] [--engine torch|onnxruntime|openvino|trt] [--device cpu|cuda] [--batch-size N]
-                   [--images N] [--image-dir DIR] [--reference] [--json F]
+                   [--images N] [--image-dir DIR] [--reference] [--latency] [--json F]
     cp-bench memory [--sizes 100 10000] [--json F]
 
 Only argparse-level modules are imported here, so ``--help`` and ``--version`` answer without
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--split", required=True, help="file of the names to score, one per line")
     acc.add_argument("--cache-dir", default=str(defaults.DEFAULT_CACHE_DIR), help="embedding cache")
     acc.add_argument("--rows", default="all", help=ROWS_HELP)
+    acc.add_argument("--shift", action="store_true",
+                     help="score the split's images after a seeded domain shift (colour, highlights, blur, JPEG, "
+                          "black border and text, aspect ratio; cp_train/shift.py): our stand-in for another hospital")
     acc.add_argument("--json", default=None, help="also write the rows as JSON here")
     acc.set_defaults(run="run_accuracy")
 
@@ -55,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--images", type=int, default=15, help="images to time (cycled from --image-dir)")
     sp.add_argument("--image-dir", default="examples/images", help="folder of images ('' for synthetic ones)")
     sp.add_argument("--reference", action="store_true", help="also time the SamPredictor reference, same images")
+    sp.add_argument("--latency", action="store_true",
+                    help="latency mode: batch 1, one image per call; p50/p95/mean ms per image (device synchronised)")
     sp.add_argument("--threads", type=int, default=0, 
                     help="CPU threads of torch / ONNX Runtime / OpenVINO (0: default)")
     sp.add_argument("--json", default=None, help="write the numbers here too")

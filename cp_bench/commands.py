@@ -30,20 +30,25 @@ def run_accuracy(a: Flags) -> int:
     """``cp-bench accuracy``: one row per prompt mode, printed as each finishes."""
     rows = _rows(a.rows)
     bundle = load_bundle(a.bundle)
-    print(f"bundle {bundle.root} ({bundle.detector.arch}), {len(read_split(a.split))} images of {Path(a.split).name}")
+    shift = " through the domain shift" if a.shift else ""
+    print(f"bundle {bundle.root} ({bundle.detector.arch}), {len(read_split(a.split))} images of {Path(a.split).name}"
+          f"{shift}")
     print(accuracy.table_header())
     out = accuracy.accuracy_table(bundle, a.data, a.split, a.cache_dir, rows,
-                                  on_row=lambda r: print(accuracy.table_line(r), flush=True))
-    write_json(a.json, {"bundle": str(bundle.root), "detector": bundle.detector.arch, "split": a.split, "rows": out})
+                                  on_row=lambda r: print(accuracy.table_line(r), flush=True), shift=a.shift)
+    write_json(a.json, {"bundle": str(bundle.root), "detector": bundle.detector.arch, "split": a.split,
+                        "shift": a.shift, "rows": out})
     return 0
 
 
 def run_speed(a: Flags) -> int:
     """``cp-bench speed``: the pipeline's throughput, and the SamPredictor loop's with --reference."""
+    if a.latency and a.batch_size != 1:
+        raise UsageError(f"--latency times batch 1 (one image per call); drop --batch-size {a.batch_size}")
     cfg = speed.SpeedConfig(bundle=a.bundle, engine=a.engine, graphs=a.graphs,
                             device=resolve_device(a.device, a.engine),
                             batch_size=a.batch_size, precision=a.precision, compile=a.compile, images=a.images,
-                            image_dir=a.image_dir, reference=a.reference, threads=a.threads)
+                            image_dir=a.image_dir, reference=a.reference, threads=a.threads, latency=a.latency)
     result = speed.measure_speed(cfg)
     print(speed.summary(result))
     write_json(a.json, result)

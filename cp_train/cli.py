@@ -52,6 +52,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                         "step, e.g. 0.99 (0: the raw weights)")
     p.add_argument("--device", default="auto", type=common.device,
                    help=f"detector stage: {common.DEVICE_HELP}; the other stages train on the cpu")
+    p.add_argument("--shift-aug", type=float, default=0.0,
+                   help="detector: probability of the domain shift (cp_train/shift.py: another endoscope's "
+                        "light, highlights, blur, JPEG, border and text, aspect ratio) on a training image")
     p.add_argument("--workers", type=int, default=1,
                    help="threads that augment the detector's training images (more keep a GPU fed)")
     p.add_argument("--point-jitter", type=float, default=defaults.POINT_JITTER,

@@ -75,7 +75,8 @@ def recipes_from(args: Flags) -> dict[str, LoopConfig]:
     recipes = {
         "detector": DetectorRecipe(**loop, arch=args.detector_arch, size=args.detector_size,
                                    freeze=args.detector_freeze, val_metric=args.val_metric, giou=args.giou,
-                                   device=train_device(args), workers=args.workers, weights=path(args.gdino_weights)),
+                                   device=train_device(args), workers=args.workers, shift=args.shift_aug,
+                                   weights=path(args.gdino_weights)),
         "sam-box": SamBoxRecipe(**loop),
         "sam-refine": SamRefineRecipe(**loop, point_jitter=args.point_jitter, train_points=args.refine_train_points,
                                       val_points=args.refine_points),

@@ -20,6 +20,7 @@ from cp_deploy.files import IMAGE_EXTENSIONS, atomic_write_bytes, read_image, re
 from cp_deploy.preprocess import preprocess_image, resize_longest_side, to_rgb_uint8
 from cp_train import distributed
 from cp_train.defaults import DEFAULT_CACHE_DIR
+from cp_train.shift import domain_shift
 
 
 def read_split(path: str | Path) -> list[str]:
@@ -146,10 +147,13 @@ class Dataset:
         return load_samples(self.root, names, max_side=max_side, progress=self.progress)
 
 
-def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, shift: float = 0.0
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Photometric and geometric augmentation aimed at other hospitals' images: flips, 90-degree
-    turns, scale/shift crops, colour, contrast, gamma and blur. Targets are derived afterwards
-    from the augmented mask, so boxes and points always agree with it."""
+    turns, scale/shift crops, colour, contrast, gamma and blur; with probability ``shift``, then
+    the domain shift of :mod:`cp_train.shift` (another endoscope's light, highlights, JPEG, border,
+    text and aspect ratio). Targets are derived afterwards from the augmented mask, so boxes and
+    points always agree with it."""
     if rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     if rng.random() < 0.5:
@@ -163,6 +167,8 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tu
     crop = mask[y0 : y0 + ch, x0 : x0 + cw]
     if crop.sum() > 0.5 * mask.sum():  # keep most of the lesion in view
         image, mask = image[y0 : y0 + ch, x0 : x0 + cw], crop
+    if shift and rng.random() < shift:
+        return domain_shift(np.ascontiguousarray(image), np.ascontiguousarray(mask), rng)
     return photometric(image, rng), np.ascontiguousarray(mask)
 
 

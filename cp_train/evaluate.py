@@ -29,11 +29,15 @@ def evaluate(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    per_image: bool = False,
 ) -> dict:
-    """mDice / mIoU of the pipeline on ``samples`` (optionally with GT boxes and edge points)."""
+    """mDice / mIoU of the pipeline on ``samples`` (optionally with GT boxes and edge points); with
+    ``per_image`` also each sample's name and Dice, with its coarse pass's Dice where a refine pass
+    follows one (the curriculum's gain, image by image)."""
     engine = TorchEngine(bundle, device=str(device), models=models)
     pipe = CurriculumPipeline(bundle, engine, options)
-    dices, ious = [], []
+    two_pass = pipe.prompt_mode.coarse and bool(pipe.prompt_mode.refine)
+    dices, ious, images = [], [], []
     for i in tqdm(range(0, len(samples), batch_size), desc="validation", unit="batch", leave=False,
                   disable=not progress):
         chunk = samples[i : i + batch_size]
@@ -47,7 +51,11 @@ def evaluate(
         for s, r in zip(chunk, pipe.predict([s.image for s in chunk], boxes=boxes, points=points, embeddings=emb)):
             dices.append(dice(r.mask, s.mask))
             ious.append(iou(r.mask, s.mask))
-    return {"mDice": float(np.mean(dices)), "mIoU": float(np.mean(ious))}
+            images.append({"name": s.name, "dice": round(dices[-1], 5)})
+            if two_pass:
+                images[-1]["coarse_dice"] = round(dice(r.coarse_mask, s.mask), 5)
+    out = {"mDice": float(np.mean(dices)), "mIoU": float(np.mean(ious))}
+    return {**out, "per_image": images} if per_image else out
 
 
 class DetectorOnly:

@@ -38,6 +38,7 @@ class DetectorRecipe(LoopConfig):
     giou: float = 0.0  # CenterNet families: weight of the GIoU term
     device: str = "cpu"
     workers: int = 1  # threads augmenting the training images
+    shift: float = 0.0  # probability of the domain shift on a training image (cp_train/shift.py)
     weights: Path | None = None  # a family's own starting weights (Grounding DINO's folder)
 
 
@@ -58,7 +59,7 @@ def train(base: Bundle, data: Dataset, recipe: DetectorRecipe, out: Path, work: 
     frozen = _freeze(net, recipe.freeze)
     if family.reads == "image":
         train_set = data.load(s.train_names, max_side=pre.image_size)
-        batches = image_batches(train_set, pre, workers=recipe.workers)
+        batches = image_batches(train_set, pre, workers=recipe.workers, shift=recipe.shift)
     else:
         train_set = data.load(s.train_names)
         batches = embedding_batches(train_set, s.embed(train_set), base.preprocess)

@@ -24,9 +24,10 @@ def _boxes(mask: np.ndarray) -> np.ndarray:
     return np.array([i.box for i in mask_instances(mask)]).reshape(-1, 4)
 
 
-def image_batches(samples: list[Sample], cfg: PreprocessConfig, workers: int = 1
+def image_batches(samples: list[Sample], cfg: PreprocessConfig, workers: int = 1, shift: float = 0.0
                   ) -> Callable[[np.ndarray, np.random.Generator], Batch]:
-    """Batches for a detector that reads the image: augmented, preprocessed images and their boxes.
+    """Batches for a detector that reads the image: augmented (``shift``: the domain shift's
+    probability, :func:`~cp_train.data.augment`), preprocessed images and their boxes.
 
     Each sample draws its own generator from ``rng``, so a batch is the same whatever ``workers``
     is; with more than one, samples are augmented in threads (OpenCV and numpy release the GIL),
@@ -34,7 +35,7 @@ def image_batches(samples: list[Sample], cfg: PreprocessConfig, workers: int = 1
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
     def one(j: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img, mask = augment(samples[j].image, samples[j].mask, np.random.default_rng(seed))
+        img, mask = augment(samples[j].image, samples[j].mask, np.random.default_rng(seed), shift)
         x, frame = preprocess_image(img, cfg)
         return x, torch.from_numpy(frame.boxes_to_input(_boxes(mask)))
 

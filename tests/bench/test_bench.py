@@ -39,6 +39,10 @@ def test_accuracy_row_equals_cp_deploy_eval(tiny_bundle, dataset, batch_run, tmp
     assert ev["n"] == 12 and rows[0]["mDice"] == pytest.approx(ev["mDice"], abs=1e-3)
     assert rows[0]["mIoU"] == pytest.approx(ev["mIoU"], abs=1e-3)
     assert f"| curriculum | detector | {rows[0]['mDice']:.4f} |" in printed
+    per_image = rows[0]["per_image"]  # the curriculum's gain over its own coarse pass, image by image
+    assert len(per_image) == 12 and all("coarse_dice" in p for p in per_image)
+    assert sum(p["dice"] for p in per_image) / 12 == pytest.approx(rows[0]["mDice"], abs=1e-4)
+    assert "coarse_dice" not in rows[1]["per_image"][0]  # the box pass has no second pass
 
 
 def test_accuracy_refuses_an_unknown_row(tiny_bundle, dataset, capsys):
