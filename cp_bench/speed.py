@@ -8,6 +8,10 @@ same detector and keypoint net, then ``set_image`` and ``predict`` for the box p
 ``set_image`` again and ``predict`` for the points+mask pass, one instance at a time. (For a
 LiteMedSAM bundle SamPredictor applies SAM's mean/std instead of min-max scaling; that changes
 the values, not the cost.) Both run on the same images, after a warm-up.
+
+*Latency* (``SpeedConfig.latency``, ``cp-bench speed --latency``): ours at batch 1, one image per
+call, each call's wall time with the device synchronised at its end; p50, p95 and mean per image
+and each stage's p50 (the stage timers synchronise the device too).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
-from cp_deploy.bundle import load_bundle
+from cp_deploy.bundle import Bundle, load_bundle
 from cp_deploy.engines import create_engine
+from cp_deploy.engines.base import Engine
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.files import discover_images, read_image
 from cp_deploy.models.build import Models
@@ -48,6 +53,18 @@ class SpeedConfig:
     image_dir: str = "examples/images"  # "" for synthetic images
     reference: bool = False
     threads: int = 0
+    latency: bool = False
+    # torch engine only (see cp_deploy.engines.torch): None keeps the engine's defaults.
+    attention: str | None = None
+    trim_windows: bool = False
+    decoder_buckets: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.latency and self.batch_size != 1:
+            raise ValueError("latency is timed at batch 1, one image per call; leave the batch size at 1")
+        if self.engine != "torch" and (self.attention or self.trim_windows or self.decoder_buckets):
+            raise ValueError(f"attention, trim_windows and decoder_buckets are the torch engine's options, "
+                             f"not {self.engine}'s")
 
 
 def reference_curriculum(pipe: CurriculumPipeline, p_box: SamPredictor, p_ref: SamPredictor, image: np.ndarray) -> int:
@@ -87,7 +104,8 @@ def peak_memory_mb(device: str) -> float:
 
 
 def run_ours(pipe: CurriculumPipeline, images: list[np.ndarray], batch_size: int, device: str) -> dict:
-    """Time ``pipe`` on ``images`` in batches of ``batch_size``, after a warm-up."""
+    """Time ``pipe`` on ``images`` in batches of ``batch_size``, after a warm-up: throughput, each
+    batch's wall time (device synchronised at its end) and each stage's time per image."""
     # Warm-up: allocations and kernel choice; on CUDA, torch.compile's CUDA graphs are recorded
     # on a later call than the first, so three calls keep the recording out of the timed loop.
     for _ in range(3 if device.startswith("cuda") else 1):
@@ -112,10 +130,20 @@ def run_ours(pipe: CurriculumPipeline, images: list[np.ndarray], batch_size: int
         "ms_per_image": round(total * 1000 / len(images), 2),
         "batch_latency_ms_p50": round(float(np.percentile(batch_ms, 50)), 2),
         "batch_latency_ms_p95": round(float(np.percentile(batch_ms, 95)), 2),
+        "batch_latency_ms_mean": round(float(np.mean(batch_ms)), 2),
         "stage_ms_per_image": {s: round(float(np.mean(v)), 2) for s, v in stage_ms.items()},
+        "stage_ms_p50": {s: round(float(np.percentile(v, 50)), 2) for s, v in stage_ms.items()},
         "instances_per_image": round(n_inst / len(images), 2),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
     }
+
+
+def latency_of(ours: dict, images: int) -> dict:
+    """Per-image latency from a batch-1 :func:`run_ours` result: p50, p95 and mean per image, and
+    each stage's p50."""
+    return {"images": images, "latency_ms_p50": ours["batch_latency_ms_p50"],
+            "latency_ms_p95": ours["batch_latency_ms_p95"], "latency_ms_mean": ours["batch_latency_ms_mean"],
+            "stage_ms_p50": ours["stage_ms_p50"]}
 
 
 def run_reference(pipe: CurriculumPipeline, models: Models, images: list[np.ndarray], device: str) -> dict:
@@ -139,29 +167,44 @@ def run_reference(pipe: CurriculumPipeline, models: Models, images: list[np.ndar
             "latency_ms_p95": round(float(np.percentile(lat, 95)), 2)}
 
 
-def measure_speed(cfg: SpeedConfig) -> dict:
-    """Time ours (and with ``cfg.reference`` the SamPredictor loop) on the same images."""
+def make_engine(cfg: SpeedConfig, bundle: Bundle) -> Engine:
+    """The engine ``cfg`` names; the torch engine with its GPU options."""
+    if cfg.engine == "torch":
+        return TorchEngine(bundle, device=cfg.device, precision=cfg.precision, attention=cfg.attention,
+                           compile=cfg.compile, trim_windows=cfg.trim_windows, decoder_buckets=cfg.decoder_buckets)
+    return create_engine(cfg.engine, bundle, device=cfg.device, graphs=cfg.graphs, threads=cfg.threads,
+                         precision=cfg.precision, compile=cfg.compile)
+
+
+def measure_speed(cfg: SpeedConfig, engine: Engine | None = None) -> dict:
+    """Time ours (per-image latency at batch 1 with ``cfg.latency``; and with ``cfg.reference``
+    the SamPredictor loop) on the same images. ``engine``: one already made for ``cfg`` (a
+    compiled one keeps its compiled graphs across calls)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bundle = load_bundle(cfg.bundle)
-    engine = create_engine(cfg.engine, bundle, device=cfg.device, graphs=cfg.graphs, threads=cfg.threads,
-                           precision=cfg.precision, compile=cfg.compile)
+    engine = engine or make_engine(cfg, bundle)
     pipe = CurriculumPipeline(bundle, engine, PipelineOptions(prompts="curriculum"))
     images = load_images(cfg.image_dir, cfg.images)
-    ours = run_ours(pipe, images, cfg.batch_size, cfg.device)
     result = {
         "device": (torch.cuda.get_device_name() if cfg.device.startswith("cuda")
                    else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "engine": cfg.engine, "precision": cfg.precision, "compile": cfg.compile, "bundle": str(bundle.root),
         "sam": bundle.sam_arch, "batch_size": cfg.batch_size,
-        "images": len(images), "image_dir": cfg.image_dir or "synthetic", "ours": ours,
+        "images": len(images), "image_dir": cfg.image_dir or "synthetic",
     }
+    if isinstance(engine, TorchEngine):
+        result["torch_options"] = {"attention": engine.attention, "trim_windows": cfg.trim_windows,
+                                   "decoder_buckets": list(cfg.decoder_buckets or [])}
+    result["ours"] = run_ours(pipe, images, cfg.batch_size, cfg.device)
+    if cfg.latency:
+        result["latency"] = latency_of(result["ours"], len(images))
     if cfg.reference:
-        # segment-anything as shipped: fresh modules (the engine's attention is swapped for SDPA).
-        ref_engine = TorchEngine(bundle, device=cfg.device, sdpa=False)
+        # segment-anything as shipped: fresh modules with their own attention.
+        ref_engine = TorchEngine(bundle, device=cfg.device, attention="sam")
         ref_pipe = CurriculumPipeline(bundle, ref_engine, PipelineOptions(prompts="curriculum"))
         result["reference"] = run_reference(ref_pipe, ref_engine.models, images, cfg.device)
-        result["speedup"] = round(ours["images_per_s"] / result["reference"]["images_per_s"], 2)
+        result["speedup"] = round(result["ours"]["images_per_s"] / result["reference"]["images_per_s"], 2)
     return result
 
 
@@ -174,6 +217,10 @@ def summary(result: dict) -> str:
     lines.append(f"ours: {ours['images_per_s']} images/s ({ours['ms_per_image']} ms/image), batch latency p50 "
                  f"{ours['batch_latency_ms_p50']} ms / p95 {ours['batch_latency_ms_p95']} ms, peak memory "
                  f"{ours['peak_memory_mb']} MiB, {ours['instances_per_image']} instances/image")
+    if "latency" in result:
+        lat = result["latency"]
+        lines.append(f"latency, batch 1, {lat['images']} images: p50 {lat['latency_ms_p50']} ms, p95 "
+                     f"{lat['latency_ms_p95']} ms, mean {lat['latency_ms_mean']} ms per image")
     if "reference" in result:
         r = result["reference"]
         lines.append(f"reference (SamPredictor, fp32, batch 1, set_image per pass): {r['images_per_s']} images/s "

@@ -12,7 +12,7 @@ from typing import Any
 from cp_deploy.devices import resolve_device
 from cp_deploy.errors import InputError
 from cp_deploy.executors import PipelineFactory, check_device
-from cp_deploy.executors.local import run_folder
+from cp_deploy.executors.local import model_workers_value, run_folder
 from cp_deploy.executors.ray import run_folder_ray
 from cp_deploy.formats import ReadOptions
 from cp_deploy.metrics import evaluate_dirs
@@ -35,6 +35,10 @@ def check_counts(args: Flags) -> None:
 def batch(args: Flags) -> int:
     """``cp-deploy batch``: segment the inputs into the output folder; exit 1 when any image failed."""
     check_counts(args)
+    model_workers = model_workers_value(args.model_workers)
+    if args.executor == "ray" and model_workers != "auto":
+        raise InputError(f"--model-workers {model_workers}: the local executor's; with --executor ray pass "
+                         "--num-workers N (Ray actors, each with its own copy of the models)")
     if args.executor == "ray" and args.device == "auto":  # the actors' GPUs, not the driver's, decide
         device = "cuda" if args.gpus_per_worker else "cpu"
     else:
@@ -62,7 +66,8 @@ def batch(args: Flags) -> int:
                                  gpus_per_worker=args.gpus_per_worker, cpus_per_worker=max(1, args.threads),
                                  address=args.ray_address, **common)
     else:
-        summary = run_folder(factory, args.input, args.output, workers=args.workers, **common)
+        summary = run_folder(factory, args.input, args.output, workers=args.workers, model_workers=model_workers,
+                             **common)
     print(f"cp-deploy: {summary.line()}")
     return 1 if summary.failed else 0
 

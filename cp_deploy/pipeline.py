@@ -36,7 +36,7 @@ from cp_deploy.files import write_mask
 from cp_deploy.models.build import stage_families
 from cp_deploy.models.keypoints import decode_heatmaps, expand_boxes
 from cp_deploy.models.registry import decode_detections
-from cp_deploy.preprocess import Geometry, PreprocessConfig, postprocess_masks, preprocess_image, to_rgb_uint8
+from cp_deploy.preprocess import Geometry, PreprocessConfig, postprocess_batch, preprocess_batch, to_rgb_uint8
 from cp_deploy.visualize import draw_overlay
 
 STAGES = ("preprocess", "encode", "detect", "box", "keypoints", "refine", "postprocess")
@@ -225,17 +225,10 @@ class Batch:
         return self._resizes[cfg]
 
     def inputs(self, cfg: PreprocessConfig) -> torch.Tensor:
-        """Bx3xSxS model input for ``cfg`` on the device.
-
-        For a CUDA device the batch is staged in pinned memory and copied asynchronously, so the
-        copy overlaps work already queued on the GPU."""
+        """Bx3xSxS model input for ``cfg`` on the device: on CUDA the uint8 pixels are uploaded
+        and resized there, bit-equal to the CPU path (:func:`preprocess_batch`)."""
         if cfg not in self._inputs:
-            x = torch.stack([preprocess_image(im, cfg)[0] for im in self.images])
-            if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True)
-            else:
-                x = x.to(self.device)
-            self._inputs[cfg] = x
+            self._inputs[cfg] = preprocess_batch(self.images, cfg, self.device)
         return self._inputs[cfg]
 
 
@@ -498,27 +491,38 @@ class CurriculumPipeline:
         fields = {"boxes": inst.boxes, "scores": inst.scores, "points": passes.points,
                   "point_scores": passes.point_scores, "iou_predictions": passes.iou[:, 0]}
         per_image = {k: np.split(_numpy(v), np.cumsum(inst.counts)[:-1]) for k, v in fields.items()}
-        final = passes.final.split(inst.counts) if passes.final is not None else [None] * len(batch)
-        coarse = passes.coarse.split(inst.counts) if passes.coarse is not None else [None] * len(batch)
+        geos = batch.geometry(self.sam_cfg)
+        final, coarse = _per_image(passes.final, inst.counts, geos), _per_image(passes.coarse, inst.counts, geos)
         return [
-            ImageResult(**_masks(geo, fin, co), **{k: v[i] for k, v in per_image.items()})
-            for i, (geo, fin, co) in enumerate(zip(batch.geometry(self.sam_cfg), final, coarse))
+            ImageResult(**_masks(geo, *fin, *co), **{k: v[i] for k, v in per_image.items()})
+            for i, (geo, fin, co) in enumerate(zip(geos, final, coarse))
         ]
 
 
-def _masks(geo: Geometry, final: torch.Tensor | None, coarse: torch.Tensor | None) -> dict:
-    """One image's mask fields of :class:`ImageResult` from its final and coarse low-res logits."""
+def _per_image(logits: torch.Tensor | None, counts: list[int], geos: list[Geometry]) -> list[tuple]:
+    """Per image (low-res logits and KxHxW bool masks, both on the CPU) of one pass, or (None,
+    None) where it did not run: one upscale for the batch, one copy back of each."""
+    if logits is None:
+        return [(None, None)] * len(geos)
+    masks = postprocess_batch(logits.float(), counts, geos)
+    return list(zip(logits.float().cpu().split(counts), masks))
+
+
+def _masks(geo: Geometry, final: torch.Tensor | None, final_masks: torch.Tensor | None,
+           coarse: torch.Tensor | None, coarse_masks: torch.Tensor | None) -> dict:
+    """One image's mask fields of :class:`ImageResult` from its final and coarse low-res logits
+    and their masks at the image's size (:func:`postprocess_batch`)."""
     h, w = geo.original_size
     if final is None or not len(final):
         empty = np.zeros((0, 1, 1, 1), np.float32)
         return dict(original_size=(h, w), masks=np.zeros((0, h, w), bool), mask=np.zeros((h, w), bool),
                     coarse_mask=np.zeros((h, w), bool), low_res_logits=empty, coarse_logits=empty)
-    masks = (postprocess_masks(final.float(), geo) > 0).cpu().numpy()
+    masks = final_masks.numpy()
     low = _numpy(final)
     if coarse is None:
         coarse_mask, coarse_low = np.zeros((h, w), bool), np.zeros_like(low)
     else:
-        coarse_mask = (postprocess_masks(coarse.float(), geo) > 0).any(0).cpu().numpy()
+        coarse_mask = coarse_masks.any(0).numpy()
         coarse_low = _numpy(coarse)
     return dict(original_size=(h, w), masks=masks, mask=masks.any(0), coarse_mask=coarse_mask,
                 low_res_logits=low, coarse_logits=coarse_low)

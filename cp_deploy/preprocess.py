@@ -4,15 +4,25 @@ padding, and their inverses for coordinates and masks.
 Every stage and every engine goes through :func:`preprocess_image` with the settings of the model
 it feeds (a :class:`PreprocessConfig`), so the encoder, an image-reading detector and an
 image-reading keypoint net can differ in size and normalization without a second code path.
+
+:func:`preprocess_batch` is the same arithmetic for a whole batch on the model's device: on CUDA
+the uint8 pixels are uploaded and resized there by :func:`resize_longest_side_torch`, a port of
+Pillow's bilinear resampling (the filter segment_anything's ``ResizeLongestSide`` goes through),
+integer for integer and in the installed Pillow's pass order, so its output equals
+:func:`preprocess_image`'s bit for bit.
+:func:`postprocess_batch` upscales and thresholds a batch's masks in one pass with one copy back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
 # SAM's ImageNet statistics on the 0..255 scale (segment_anything.modeling.Sam defaults).
@@ -182,3 +192,140 @@ def postprocess_masks(low_res: torch.Tensor, geo: Geometry) -> torch.Tensor:
     x = x[..., : geo.input_size[0], : geo.input_size[1]]
     x = F.interpolate(x, geo.original_size, mode="bilinear", align_corners=False)
     return x[:, 0]
+
+
+# Pillow's 8-bit resampling (libImaging/Resample.c): coefficients in 22-bit fixed point, one
+# horizontal then one vertical pass, each rounded and clipped to uint8.
+_PIL_BITS = 22
+
+
+@lru_cache(maxsize=512)
+def pil_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's bilinear taps along one axis (``precompute_coeffs`` and ``normalize_coeffs_8bpc``):
+    per output index, ``ksize`` input indices (int64) and fixed-point weights (int32; zero beyond
+    the taps Pillow uses). The float64 operations follow the C source in order, so the rounded
+    weights are Pillow's own."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the bilinear filter's support is 1
+    ksize = int(np.ceil(support)) * 2 + 1
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    # C's (int) cast truncates toward zero; a negative start is clipped to 0 anyway.
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    taps = np.arange(ksize)
+    used = taps[None, :] < count[:, None]
+    t = np.abs(((xmin[:, None] + taps[None, :]) - center[:, None] + 0.5) * (1.0 / filterscale))
+    w = np.where(used, np.where(t < 1.0, 1.0 - t, 0.0), 0.0)
+    total = np.zeros(out_size)
+    for k in range(ksize):  # summed in Pillow's order: the normalised weights round as its do
+        total += w[:, k]
+    w = w / np.where(total != 0.0, total, 1.0)[:, None]
+    fixed = np.trunc(0.5 + w * (1 << _PIL_BITS)).astype(np.int32)  # bilinear weights are >= 0
+    index = np.minimum(xmin[:, None] + taps[None, :], in_size - 1)
+    return index, np.where(used, fixed, 0).astype(np.int32)
+
+
+@lru_cache(maxsize=512)
+def _taps_on(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    index, weight = pil_bilinear_taps(in_size, out_size)
+    return torch.from_numpy(index).to(device), torch.from_numpy(weight).to(device)
+
+
+def _resample_axis(x: torch.Tensor, axis: int, out_size: int) -> torch.Tensor:
+    """One of Pillow's 8-bit passes along ``axis`` (0: rows, 1: columns) of HxWxC int32 pixels."""
+    in_size = x.shape[axis]
+    if in_size == out_size:  # Pillow skips the pass; its taps would be the identity anyway
+        return x
+    index, weight = _taps_on(in_size, out_size, x.device)
+    shape = [1, 1, 1]
+    shape[axis] = out_size
+    acc = torch.full([out_size if d == axis else n for d, n in enumerate(x.shape)], 1 << (_PIL_BITS - 1),
+                     dtype=torch.int32, device=x.device)
+    # One tap at a time: a few small kernels instead of an HxWxCxksize intermediate.
+    for k in range(index.shape[1]):
+        acc += x.index_select(axis, index[:, k]) * weight[:, k].view(shape)
+    return (acc >> _PIL_BITS).clamp_(0, 255)
+
+
+def _resize_two_pass(x: torch.Tensor, new_h: int, new_w: int, vertical_first: bool) -> torch.Tensor:
+    if vertical_first:
+        return _resample_axis(_resample_axis(x, 0, new_h), 1, new_w)
+    return _resample_axis(_resample_axis(x, 1, new_w), 0, new_h)
+
+
+@cache
+def pillow_vertical_first() -> bool:
+    """Whether the installed Pillow runs its vertical pass first when the height shrinks by more
+    than twice as many pixels as the width (Pillow 13 does, for speed; older ones always go
+    horizontal first). The intermediate is rounded to uint8, so the order shows in the pixels:
+    probed once on an image where the two orders differ."""
+    probe = np.random.default_rng(0).integers(0, 256, (64, 16, 3), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(probe).resize((15, 32), Image.Resampling.BILINEAR))
+    x = torch.from_numpy(probe).to(torch.int32)
+    return np.array_equal(pil, _resize_two_pass(x, 32, 15, vertical_first=True).numpy())
+
+
+def resize_longest_side_torch(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """HxWx3 uint8 tensor on any device -> resized HxWx3 uint8 on that device, equal to
+    :func:`resize_longest_side` (Pillow bilinear through segment_anything) pixel for pixel."""
+    h, w = image.shape[:2]
+    new_h, new_w = ResizeLongestSide.get_preprocess_shape(h, w, image_size)
+    # Pillow 13's ImagingResampleInner: vertical first if the height loses > 2x the width's pixels.
+    vertical_first = h - new_h > 0 and h - new_h > (w - new_w) * 2 and pillow_vertical_first()
+    return _resize_two_pass(image.to(torch.int32), new_h, new_w, vertical_first).to(torch.uint8)
+
+
+def preprocess_tensors(images: Sequence[torch.Tensor], cfg: PreprocessConfig) -> torch.Tensor:
+    """HxWx3 uint8 tensors on one device -> Bx3xSxS float32 model inputs on that device, with
+    :func:`preprocess_image`'s arithmetic (resize as Pillow, then :func:`normalize_and_pad`)."""
+    return torch.stack([
+        normalize_and_pad(resize_longest_side_torch(im, cfg.image_size).permute(2, 0, 1).float(), cfg)
+        for im in images
+    ])
+
+
+def preprocess_batch(images: Sequence[np.ndarray], cfg: PreprocessConfig, device: torch.device | str,
+                     on_device: bool | None = None) -> torch.Tensor:
+    """HxWx3 uint8 RGB images -> Bx3xSxS float32 model inputs on ``device``.
+
+    ``on_device`` (default: when ``device`` is CUDA) uploads the uint8 pixels, a quarter of the
+    float input's bytes, and resizes, normalises and pads there (:func:`preprocess_tensors`);
+    otherwise each image goes through :func:`preprocess_image` on the CPU and the batch is copied
+    once, from pinned memory when ``device`` is CUDA (the copy overlaps work already queued)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if not (cuda if on_device is None else on_device):
+        x = torch.stack([preprocess_image(im, cfg)[0] for im in images])
+        return x.pin_memory().to(device, non_blocking=True) if cuda else x.to(device)
+    pixels = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
+    if cuda:
+        pixels = [p.pin_memory().to(device, non_blocking=True) for p in pixels]
+    return preprocess_tensors([p.to(device) for p in pixels], cfg)
+
+
+def postprocess_batch(low_res: torch.Tensor, counts: Sequence[int], geometry: Sequence[Geometry]
+                      ) -> list[torch.Tensor]:
+    """Nx1xhxw low-res logits of a batch (``counts[i]`` instances of image ``i``, whose geometries
+    share one ``image_size``) -> per image a KxHxW bool tensor on the CPU, equal to
+    ``postprocess_masks(logits_i, geometry[i]) > 0``.
+
+    The upscale to the model's input side runs once for the whole batch, and every image's masks
+    come back in one copy (one device synchronisation instead of one per image)."""
+    if len(counts) != len(geometry) or sum(counts) != len(low_res):
+        raise ValueError(f"{len(low_res)} masks for counts {list(counts)} over {len(geometry)} images")
+    sizes = {g.image_size for g in geometry}
+    if len(sizes) > 1:
+        raise ValueError(f"one batch, one model input side; got {sorted(sizes)}")
+    if not len(low_res):
+        return [torch.zeros(0, *g.original_size, dtype=torch.bool) for g in geometry]
+    s = sizes.pop()
+    up = F.interpolate(low_res, (s, s), mode="bilinear", align_corners=False)
+    flat = []
+    for x, geo in zip(up.split(list(counts)), geometry):
+        x = x[..., : geo.input_size[0], : geo.input_size[1]]
+        if len(x):
+            x = F.interpolate(x, geo.original_size, mode="bilinear", align_corners=False)
+        flat.append((x[:, 0] > 0).flatten())
+    host = torch.cat(flat).cpu()
+    return [m.view(k, *g.original_size) for m, k, g in zip(host.split([len(f) for f in flat]), counts, geometry)]

@@ -38,6 +38,10 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                    "default: the --base bundle's Grounding DINO")
     p.add_argument("--detector-size", type=int, default=defaults.DETECTOR_SIZE,
                    help="detector input size (longest side)")
+    p.add_argument("--detector-backbone", default=None, metavar="NAME",
+                   help="lite0_centernet: its timm backbone, efficientnet_lite0 (default), efficientnet_lite1 or "
+                        "efficientnet_lite2 (larger and slower; ImageNet weights from their pip packages); "
+                        "tf_efficientnet_liteN pads as the weights were trained")
     p.add_argument("--detector-freeze", type=int, default=defaults.DETECTOR_FREEZE,
                    help="lite0_centernet: backbone stages kept frozen at their ImageNet weights, after the stem "
                         "(0: train all)")
@@ -63,6 +67,14 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-train-points", default="gt", choices=["gt", "predicted"],
                    help="sam-refine training: ground-truth edge points, or the base bundle's keypoint net's points "
                         "on each jittered box (the errors the deployed curriculum sees), both plus --point-jitter")
+    p.add_argument("--refine-train-boxes", default="jitter", choices=["jitter", "detector"],
+                   help="sam-refine training: the coarse pass on ground-truth boxes with --box-jitter noise, or on "
+                        "the base bundle's detector's boxes on each training image under another look (light, "
+                        "highlights, blur, JPEG), so the refine head meets the coarse pass's real errors")
+    p.add_argument("--refine-val-boxes", default="gt", choices=["gt", "detector"],
+                   help="sam-refine validation: on ground-truth boxes, or on the base bundle's detector's")
+    p.add_argument("--box-jitter", type=float, default=0.1,
+                   help="sam-refine: Gaussian noise on the training boxes' edges, as a fraction of the box side")
     p.add_argument("--refine-points", default="gt", choices=["gt", "predicted"],
                    help="sam-refine validation: ground-truth edge points, or those of the base bundle's keypoint "
                         "net (what the deployed curriculum sees; needs a trained keypoint net)")

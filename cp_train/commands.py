@@ -74,12 +74,14 @@ def recipes_from(args: Flags) -> dict[str, LoopConfig]:
     path = lambda v: None if v is None else Path(v)  # noqa: E731
     recipes = {
         "detector": DetectorRecipe(**loop, arch=args.detector_arch, size=args.detector_size,
-                                   freeze=args.detector_freeze, val_metric=args.val_metric, giou=args.giou,
+                                   backbone=args.detector_backbone, freeze=args.detector_freeze,
+                                   val_metric=args.val_metric, giou=args.giou,
                                    device=train_device(args), workers=args.workers, shift=args.shift_aug,
                                    weights=path(args.gdino_weights)),
         "sam-box": SamBoxRecipe(**loop),
         "sam-refine": SamRefineRecipe(**loop, point_jitter=args.point_jitter, train_points=args.refine_train_points,
-                                      val_points=args.refine_points),
+                                      val_points=args.refine_points, train_boxes=args.refine_train_boxes,
+                                      val_boxes=args.refine_val_boxes, box_jitter=args.box_jitter),
         "keypoints": KeypointRecipe(**loop, arch=args.keypoint_arch, backbone=args.keypoint_backbone,
                                     backbone_checkpoint=path(args.keypoint_backbone_checkpoint),
                                     crop=args.keypoint_crop, size=args.keypoint_size, init=args.keypoint_init),

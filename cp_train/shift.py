@@ -78,13 +78,20 @@ def _jpeg(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy() if ok else img
 
 
+def _light(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    img = _speculars(_illumination(image, rng), rng)
+    return cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 2.0)) if rng.random() < 0.6 else img
+
+
+def look_shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The part of :func:`domain_shift` that moves no pixel (light, highlights, blur, JPEG), so
+    anything found on the result lies where it lies on ``image``."""
+    return _jpeg(_light(image, rng), rng)
+
+
 def domain_shift(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``image`` (HxWx3 uint8 RGB) and its boolean ``mask`` as another endoscope might give them."""
-    img = _illumination(image, rng)
-    img = _speculars(img, rng)
-    if rng.random() < 0.6:
-        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 2.0))
-    img, mask = _border(img, mask, rng)
+    img, mask = _border(_light(image, rng), mask, rng)
     h, w = img.shape[:2]
     aspect = rng.uniform(0.75, 1.33)
     side = rng.uniform(0.5, 1.3) * np.sqrt(h * w)

@@ -34,13 +34,13 @@ class ValidationSet:
     progress: bool = False  # a progress bar over the validation images
 
 
-def metric_name(stage: str, detector_metric: str = "sam", points: str = "gt") -> str:
+def metric_name(stage: str, detector_metric: str = "sam", points: str = "gt", boxes: str = "gt") -> str:
     """What a stage's validation mDice measures, for its log and printed lines: the SAM heads and
     the keypoint net are scored on ground-truth boxes, the detector on its own boxes."""
     if stage == "detector":
         return "val box Dice (detector vs gt boxes)" if detector_metric == "boxes" else "val mDice (detector boxes)"
     if stage == "sam-refine":
-        return f"val mDice (gt boxes, {points} edge points)"
+        return f"val mDice ({boxes} boxes, {points} edge points)"
     return "val mDice (gt boxes)"
 
 
@@ -55,14 +55,15 @@ def validate_detector(bundle: Bundle, net: nn.Module, val: ValidationSet, metric
                     progress=val.progress)
 
 
-def validate_head(bundle: Bundle, name: str, head: nn.Module, val: ValidationSet, gt_points: bool = True) -> dict:
-    """mDice with ground-truth boxes of the ``box`` head's pass, or of the curriculum with ``head``
-    as its ``refine`` head (on ground-truth edge points, or with ``gt_points`` False the keypoint
-    net's) or as its ``keypoints`` net."""
+def validate_head(bundle: Bundle, name: str, head: nn.Module, val: ValidationSet, gt_points: bool = True,
+                  gt_boxes: bool = True) -> dict:
+    """mDice with ground-truth boxes (``gt_boxes`` False: the detector's) of the ``box`` head's
+    pass, or of the curriculum with ``head`` as its ``refine`` head (on ground-truth edge points,
+    or with ``gt_points`` False the keypoint net's) or as its ``keypoints`` net."""
     models = dataclasses.replace(val.models, **{name: head})
     opts = PipelineOptions(prompts="box" if name == "box" else "curriculum")
-    return evaluate(bundle, models, val.samples, val.embeddings, opts, gt_boxes=True,
-                    gt_points=name == "refine" and gt_points, progress=val.progress)
+    return evaluate(bundle, models, val.samples, val.embeddings, opts, gt_boxes=gt_boxes,
+                    gt_points=name == "refine" and gt_points and gt_boxes, progress=val.progress)
 
 
 def tune_detection(bundle: Bundle, net: nn.Module, val: ValidationSet, metric: str = "sam",

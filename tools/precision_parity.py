@@ -4,8 +4,8 @@ against its own fp32, on a bundle's real weights and real images, with ``cp-expo
     python -m tools.precision_parity [--bundle B] [--precision bf16] [--device cpu]
         [--images examples/images] [--json out.json]
 
-``tools.gpu_bench`` checks the same on random ViT-H weights, whose near-zero mask logits flip
-with any rounding; this is the check that says what a user's masks will do.
+``tools.gpu_bench`` checks the encoder's embedding on random ViT-H weights (whose near-zero mask
+logits flip with any rounding); this is the check that says what a user's masks will do.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def run_settings(bundle: Bundle, engine: str, graphs: Path | None, precision: st
     """What decides a run's masks, recorded in ``run.json`` so ``--resume`` can refuse to mix
     masks of other settings: the bundle (its ``bundle.json`` records every weight file's hash),
     the engine and its graphs, the precision, the prompt settings after the bundle's defaults,
-    and the read options that change frames. Threads, workers, batch size and compile do not.
+    and the read options that change frames. Threads, workers, model workers, batch size and compile do not.
 
     Its ``provenance`` (:func:`provenance`) says who made the masks and is never compared."""
     manifest = graphs / MANIFEST_FILE if graphs is not None else None

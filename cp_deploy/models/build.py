@@ -19,6 +19,7 @@ from cp_deploy.models.registry import (
     build_keypoint_net,
     detector_family,
     keypoint_family,
+    with_flips,
 )
 from cp_deploy.models.sam import PromptHead, build_sam, default_preprocess, load_sam
 from cp_deploy.models.weights import load_strict, read_state_dict
@@ -77,6 +78,11 @@ def build_models(bundle: Bundle) -> Models:
                               f"({e}); fix or remove the key it names") from e
         if spec.file is not None:
             load_strict(net, read_state_dict(spec.file), source=str(spec.file))
+        if name == "detector":
+            try:
+                net = with_flips(spec.arch, net, spec.config)
+            except ValueError as e:
+                raise BundleError(f"{bundle.root / BUNDLE_FILE}: 'detector.config.flips': {e}") from e
         stages[name] = net.eval()
     return Models(sam.image_encoder.eval(), heads["box"], heads["refine"], stages["detector"], stages["keypoints"])
 

@@ -70,13 +70,50 @@ class CenterNetEnsemble(nn.Module):
         self.stride = members[0].stride
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        outs = [m(x) for m in self.members]
-        if len(outs) == 1:
-            return outs[0]
-        p = torch.stack([torch.sigmoid(o["heatmap"].float()) for o in outs]).mean(0).clamp(1e-6, 1 - 1e-6)
-        return {"heatmap": torch.log(p) - torch.log1p(-p),
-                "size": torch.stack([o["size"] for o in outs]).mean(0),
-                "offset": torch.stack([o["offset"] for o in outs]).mean(0)}
+        return fuse([m(x) for m in self.members])
+
+
+def fuse(outs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """CenterNet outputs of the same grid fused map by map: the mean centre probability (as a
+    logit), log size and offset logit."""
+    if len(outs) == 1:
+        return outs[0]
+    p = torch.stack([torch.sigmoid(o["heatmap"].float()) for o in outs]).mean(0).clamp(1e-6, 1 - 1e-6)
+    return {"heatmap": torch.log(p) - torch.log1p(-p),
+            "size": torch.stack([o["size"] for o in outs]).mean(0),
+            "offset": torch.stack([o["offset"] for o in outs]).mean(0)}
+
+
+FLIP_DIMS = {"h": (3,), "v": (2,), "hv": (2, 3)}  # a view's flipped axes of an NCHW input
+
+
+class FlipViews(nn.Module):
+    """Test-time flips inside the graph: ``net`` on its input and on each flipped view, every
+    view's maps flipped back and :func:`fuse`d. Flipping the input mirrors each centre's cell and
+    its position inside the cell, ``1 - offset``, which is the negated offset logit. The padded
+    input is flipped whole (the padding moves to the other side), as the maps must line up cell
+    for cell. ``net``'s weights keep their names: the wrapper is built after they are loaded."""
+
+    def __init__(self, net: nn.Module, flips: tuple[str, ...]) -> None:
+        super().__init__()
+        unknown = [f for f in flips if f not in FLIP_DIMS]
+        if unknown or not flips:
+            raise ValueError(f"flips must be a non-empty list of {', '.join(FLIP_DIMS)}, got {list(flips)}")
+        self.net, self.flips, self.stride = net, tuple(flips), net.stride
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = [self.net(x)]
+        for f in self.flips:
+            dims = FLIP_DIMS[f]
+            o = {k: v.flip(dims) for k, v in self.net(x.flip(dims)).items()}
+            sign = torch.tensor([-1.0 if 3 in dims else 1.0, -1.0 if 2 in dims else 1.0], device=x.device)
+            o["offset"] = o["offset"] * sign.to(o["offset"].dtype).view(1, 2, 1, 1)
+            outs.append(o)
+        return fuse(outs)
+
+
+def flip_views(net: nn.Module, flips: tuple[str, ...]) -> nn.Module:
+    return FlipViews(net, flips)
 
 
 def centernet_targets(boxes: np.ndarray, grid: tuple[int, int], stride: float) -> dict[str, torch.Tensor]:
@@ -156,4 +193,4 @@ def family(name: str, reads: str, net: Callable[..., nn.Module], default_stride:
     outputs, decode, loss and ensemble."""
     return DetectorFamily(name=name, reads=reads, output_names=OUTPUT_NAMES, build=from_config(net),
                           decode=partial(decode, default_stride=default_stride), loss=loss,
-                          default_config=default_config, ensemble=CenterNetEnsemble)
+                          default_config=default_config, ensemble=CenterNetEnsemble, flip_views=flip_views)

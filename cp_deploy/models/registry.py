@@ -51,6 +51,9 @@ class DetectorFamily:
     loss: Callable[..., torch.Tensor]
     default_config: Callable[..., dict]
     ensemble: Callable[[list[nn.Module]], nn.Module] | None = None  # members -> one net, same outputs
+    # (net, flips) -> one net averaging its outputs over the input and its flipped views (the
+    # config's ``flips``: "h", "v", "hv"), same outputs
+    flip_views: Callable[[nn.Module, tuple[str, ...]], nn.Module] | None = None
     text_prompted: bool = False  # its graph bakes in prompt.text
     aliases: tuple[str, ...] = ()
 
@@ -136,6 +139,7 @@ def from_config(net: Callable[..., nn.Module]) -> Callable[[dict, BuildContext],
 
 def _build(family: DetectorFamily | KeypointFamily, config: dict, ctx: BuildContext) -> nn.Module:
     cfg = dict(config)
+    cfg.pop("flips", None)  # test-time views wrap the net once its weights are in: with_flips
     members = int(cfg.pop("members", 1))  # > 1: an ensemble, its weights prefixed members.I.
     if members <= 1:
         return family.build(cfg, ctx)
@@ -148,6 +152,18 @@ def build_detector(arch: str, config: dict, ctx: BuildContext = BuildContext()) 
     """A detector from its bundle entry (``arch`` and ``config``; ``members`` > 1 in the config
     builds the family's ensemble)."""
     return _build(detector_family(arch), config, ctx)
+
+
+def with_flips(arch: str, net: nn.Module, config: dict) -> nn.Module:
+    """``net`` (its weights loaded) averaged over the test-time flips of the config's ``flips``
+    (the net itself where there are none); a family without flip views is a ValueError."""
+    flips = tuple(config.get("flips") or ())
+    if not flips:
+        return net
+    family = detector_family(arch)
+    if family.flip_views is None:
+        raise ValueError(f"{family.name} has no test-time flips; remove 'flips' from its config")
+    return family.flip_views(net, flips)
 
 
 def build_keypoint_net(arch: str, config: dict, ctx: BuildContext = BuildContext()) -> nn.Module:

@@ -245,10 +245,11 @@ def labelled_prompts(
         labels.append(torch.full((n, 1), -1.0, device=points[0].device))
     if not coords:
         raise ValueError("a decoder call needs points, a box or both")
+    # Made on the device: a batch's empty mask prompts are megabytes, not worth a host copy.
     if mask_input is None:
-        mask, has = torch.zeros(n, 1, *mask_size), torch.zeros(n)
+        mask, has = torch.zeros(n, 1, *mask_size, device=device), torch.zeros(n, device=device)
     else:
-        mask, has = resize_mask_input(mask_input.float(), mask_size), torch.ones(n)
+        mask, has = resize_mask_input(mask_input.float(), mask_size), torch.ones(n, device=device)
     return {
         "point_coords": torch.cat(coords, dim=1).to(device),
         "point_labels": torch.cat(labels, dim=1).to(device),

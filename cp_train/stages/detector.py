@@ -33,6 +33,7 @@ class DetectorRecipe(LoopConfig):
     lr: float = 5e-4
     arch: str = defaults.DETECTOR_ARCH  # a registered detector family
     size: int = defaults.DETECTOR_SIZE  # input side of a detector that reads the image
+    backbone: str | None = None  # the family's ``backbone`` config key (lite0_centernet's); None: its default
     freeze: int = defaults.DETECTOR_FREEZE  # backbone stages after the stem kept at their ImageNet weights (0: none)
     val_metric: str = "sam"  # "sam": the box pass's mDice; "boxes": the boxes' Dice, no SAM
     giou: float = 0.0  # CenterNet families: weight of the GIoU term
@@ -52,6 +53,14 @@ def train(base: Bundle, data: Dataset, recipe: DetectorRecipe, out: Path, work: 
     if options and "giou" not in inspect.signature(family.loss).parameters:
         raise RecipeError(f"--giou is for detectors whose loss has a GIoU term (CenterNet's); {family.name}'s has "
                           "its own, so drop --giou")
+    if recipe.backbone is not None:
+        if "backbone" not in inspect.signature(family.default_config).parameters:
+            raise RecipeError(f"--detector-backbone is for detectors with a backbone (lite0_centernet); {family.name} "
+                              "has none, so drop it")
+        try:
+            family.default_config(backbone=recipe.backbone)
+        except ValueError as e:  # the family's message lists the known backbones
+            raise RecipeError(f"--detector-backbone {recipe.backbone}: {e}") from None
     work = work_dir(out, work)
     s = setup(base, data, "detector", recipe, sam=recipe.val_metric == "sam")
     net, config, pre = _start(base, family, recipe, s)
@@ -92,7 +101,7 @@ def _start(base: Bundle, family: DetectorFamily, recipe: DetectorRecipe, s: Setu
     if family.text_prompted:
         return _text_prompted_start(base, family, recipe, s)
     if family.reads == "image":
-        config = family.default_config()
+        config = family.default_config(**({} if recipe.backbone is None else {"backbone": recipe.backbone}))
         pre = PreprocessConfig(image_size=recipe.size, normalize="meanstd")
     else:
         emb = s.val.embeddings

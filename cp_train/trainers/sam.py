@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
 from cp_deploy.models.keypoints import expand_boxes, image_to_heatmap
 from cp_deploy.models.sam import PromptHead
 from cp_deploy.preprocess import Geometry, PreprocessConfig, preprocess_image
 from cp_train.data import Sample, jitter_boxes, lowres_target, photometric
 from cp_train.losses import dice_bce, gaussian_heatmap_ce
+from cp_train.shift import look_shift
 from cp_train.targets import mask_instances
 from cp_train.trainers.loop import shuffled_epoch
 
@@ -61,12 +63,14 @@ def make_sam_epoch(
     box_jitter: float = 0.1,
     point_jitter: float = 0.02,
     point_source: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    box_source: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
 ):
     """One epoch over instances in batches of ``batch_size`` (the paper's batch 4).
 
+    Boxes are the GT boxes with ``box_jitter`` noise, or ``box_source``'s (instance indices, the
+    batch's generator -> Nx4 boxes in original pixels), e.g. :func:`detected_boxes`.
     ``refine`` trains on the GT edge points, or with ``point_source`` (instance indices, their
-    jittered boxes in original pixels -> Nx8x2 points) on predicted ones, both plus
-    ``point_jitter`` noise.
+    boxes in original pixels -> Nx8x2 points) on predicted ones, both plus ``point_jitter`` noise.
     """
 
     def train_epoch(head: PromptHead, opt, epoch: int) -> float:
@@ -74,7 +78,10 @@ def make_sam_epoch(
 
     def step(head: PromptHead, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         emb = embeddings[[targets.image[j] for j in idx]].float()
-        jittered = jitter_boxes(targets.boxes[idx], rng, box_jitter)
+        if box_source is None:
+            jittered = jitter_boxes(targets.boxes[idx], rng, box_jitter)
+        else:
+            jittered = box_source(idx, rng)
         boxes = _to_input(targets, idx, jittered, boxes=True)
         if stage == "box":
             logits, _ = head(emb, boxes=boxes)
@@ -151,3 +158,29 @@ def predicted_points(pipeline, samples: list[Sample], targets: InstanceTargets,
         return pts.numpy().astype(np.float64)
 
     return source
+
+
+def detected_boxes(pipeline, samples: list[Sample], targets: InstanceTargets, box_jitter: float = 0.1,
+                   min_iou: float = 0.1) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    """A ``box_source`` for :func:`make_sam_epoch`: for each instance, the box that ``pipeline``'s
+    detector finds on its image after :func:`~cp_train.shift.look_shift` (the detector was trained
+    on these images, so on them as they are its boxes are better than on images it never saw;
+    another look brings its errors back), the one that overlaps the instance most; the jittered GT
+    box where no detected box overlaps it by ``min_iou``."""
+
+    def source(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        imgs = sorted(set(targets.image[j] for j in idx))
+        found = pipeline.detect([look_shift(samples[i].image, rng) for i in imgs])
+        per_image = {i: f[0].numpy().astype(np.float64) for i, f in zip(imgs, found)}
+        gt = targets.boxes[idx].astype(np.float64)
+        out = jitter_boxes(gt, rng, box_jitter)
+        for n, j in enumerate(idx):
+            det = per_image[targets.image[j]]
+            if len(det):
+                overlap = box_iou(torch.as_tensor(gt[n : n + 1]), torch.as_tensor(det))[0].numpy()
+                if overlap.max() >= min_iou:
+                    out[n] = det[int(overlap.argmax())]
+        return out
+
+    return source
+

@@ -91,7 +91,7 @@ def test_sdpa_attention_equals_segment_anything_attention():
     """Same parameters and state-dict keys; the rel-pos bias (made non-zero) as SDPA's mask."""
     import copy
 
-    from cp_deploy.models.attention import use_sdpa_attention
+    from cp_deploy.models.attention import use_fast_attention
     from cp_deploy.models.sam import build_sam
 
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_sdpa_attention_equals_segment_anything_attention():
             torch.nn.init.normal_(m.rel_pos_h, std=0.5)
             torch.nn.init.normal_(m.rel_pos_w, std=0.5)
     fast = copy.deepcopy(enc)
-    assert use_sdpa_attention(fast) == 2
+    assert use_fast_attention(fast, "sdpa") == 2
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), enc(x), atol=1e-5, rtol=1e-5)

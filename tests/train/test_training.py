@@ -277,3 +277,35 @@ def test_keypoint_ensemble_fuses_fresh_members(dataset, tiny_bundle, tmp_path):
         mean = torch.stack([n(feats, rois) for n in nets]).mean(0)
         assert torch.allclose(fused(feats, rois), mean, atol=5e-3)  # members stored in fp16
     assert _predict(bundle, dataset).points.shape[1:] == (8, 2)
+
+
+def test_refine_trains_on_the_detectors_boxes_under_another_look(dataset, tiny_bundle, tmp_path, monkeypatch):
+    """With ``detected_boxes`` the coarse pass of refine training is prompted with the detector's
+    box that overlaps each instance most, found on the image after ``look_shift``; the jittered
+    ground-truth box where the detector finds nothing that overlaps."""
+    from cp_train.trainers import sam as sam_trainer
+
+    models = build_models(tiny_bundle)
+    samples = load_samples(dataset, ["s00", "s01", "s02", "s03"], progress=False)
+    targets = instance_targets(samples, tiny_bundle.preprocess.image_size, models.box.mask_input_size[0])
+    seen = []
+    monkeypatch.setattr(sam_trainer, "look_shift", lambda img, rng: seen.append(img) or img[..., ::-1].copy())
+
+    class FakeDetector:  # one box that overlaps the first instance, none on the others' images
+        def detect(self, images):
+            out = []
+            for img in images:
+                k = next(i for i, s in enumerate(samples) if np.array_equal(s.image[..., ::-1], img))
+                if k == targets.image[0]:
+                    b = torch.as_tensor(targets.boxes[:1] + [1, -1, 2, 1], dtype=torch.float32)
+                    out.append((torch.cat([b, torch.tensor([[0.0, 0.0, 1.0, 1.0]])]), torch.tensor([0.9, 0.8])))
+                else:
+                    out.append((torch.zeros(0, 4), torch.zeros(0)))
+            return out
+
+    source = sam_trainer.detected_boxes(FakeDetector(), samples, targets, box_jitter=0.0)
+    idx = np.arange(len(targets.image))
+    boxes = source(idx, np.random.default_rng(0))
+    assert len(seen) == len(set(targets.image))  # each image looked at once, under the shift
+    np.testing.assert_allclose(boxes[0], targets.boxes[0] + [1, -1, 2, 1])  # the overlapping detection
+    np.testing.assert_allclose(boxes[1:], targets.boxes[1:])  # nothing found: the GT box (jitter 0 here)

@@ -1,4 +1,5 @@
-"""``lite0_centernet``: CenterNet on timm's EfficientNet-Lite0, reading the preprocessed image."""
+"""``lite0_centernet``: CenterNet on a timm EfficientNet-Lite (Lite0 unless the config's
+``backbone`` says ``efficientnet_lite1`` or ``efficientnet_lite2``), reading the preprocessed image."""
 
 from __future__ import annotations
 
@@ -8,26 +9,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from cp_deploy.models import centernet
-from cp_deploy.models.efficientnet import load_lite0_features
+from cp_deploy.models.efficientnet import DEFAULT_BACKBONE, lite_weights, load_lite_features
 from cp_deploy.models.registry import register
 
 STRIDE = 8
+# EfficientNet stages 2, 3 and 4 end at these strides in every Lite variant; their channels are
+# the variant's (feature_info), so the FPN's laterals follow the backbone.
+FEATURE_INDICES = (2, 3, 4)
+FEATURE_STRIDES = [8, 16, 32]
 
 
-class Lite0CenterNet(nn.Module):
-    """CenterNet on EfficientNet-Lite0 features (strides 8, 16, 32) merged top-down at stride 8.
-    ``pretrained`` loads the ImageNet backbone weights (a training start, never in a bundle)."""
+class LiteCenterNet(nn.Module):
+    """CenterNet on EfficientNet-Lite features (strides 8, 16, 32) merged top-down at stride 8.
+    ``backbone`` is a timm EfficientNet-Lite name (see :data:`cp_deploy.models.efficientnet.LITE_BACKBONES`);
+    ``pretrained`` loads its ImageNet weights (a training start, never in a bundle)."""
 
-    def __init__(self, fpn: int = 64, stride: int = STRIDE, pretrained: bool = False) -> None:
+    def __init__(self, fpn: int = 64, stride: int = STRIDE, backbone: str = DEFAULT_BACKBONE,
+                 pretrained: bool = False) -> None:
         super().__init__()
         if stride != STRIDE:
-            raise ValueError(f"Lite0CenterNet predicts at stride {STRIDE}")
+            raise ValueError(f"LiteCenterNet predicts at stride {STRIDE}")
+        lite_weights(backbone)  # an unknown name fails here, before timm builds anything
         self.stride = stride
-        self.backbone = timm.create_model(
-            "efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3, 4)
-        )
+        self.backbone = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=FEATURE_INDICES)
+        if self.backbone.feature_info.reduction() != FEATURE_STRIDES:
+            raise ValueError(f"{backbone}'s features {FEATURE_INDICES} have strides "
+                             f"{self.backbone.feature_info.reduction()}, not {FEATURE_STRIDES}")
         if pretrained:
-            load_lite0_features(self.backbone)
+            load_lite_features(self.backbone)
         chans = self.backbone.feature_info.channels()
         self.lateral = nn.ModuleList(nn.Conv2d(c, fpn, 1) for c in chans)
         self.smooth = nn.Sequential(nn.Conv2d(fpn, fpn, 3, padding=1), nn.BatchNorm2d(fpn), nn.ReLU(inplace=True))
@@ -45,9 +54,12 @@ class Lite0CenterNet(nn.Module):
         return {"heatmap": self.heatmap(p), "size": self.size(p), "offset": self.offset(p)}
 
 
-def default_config(fpn: int = 64, **_) -> dict:
-    """An FPN of ``fpn`` channels; the net predicts at stride 8 only."""
-    return {"fpn": fpn, "stride": STRIDE}
+def default_config(fpn: int = 64, backbone: str = DEFAULT_BACKBONE, **_) -> dict:
+    """An FPN of ``fpn`` channels on ``backbone``; the net predicts at stride 8 only."""
+    lite_weights(backbone)
+    # Lite0 stays implicit: its configs match those of bundles written before the key existed,
+    # which cp-train ensemble requires of members.
+    return {"fpn": fpn, "stride": STRIDE, **({} if backbone == DEFAULT_BACKBONE else {"backbone": backbone})}
 
 
-FAMILY = register(centernet.family("lite0_centernet", "image", Lite0CenterNet, STRIDE, default_config))
+FAMILY = register(centernet.family("lite0_centernet", "image", LiteCenterNet, STRIDE, default_config))
