@@ -95,3 +95,22 @@ def test_a_bundle_naming_bad_flips_is_one_line(tiny_image_detector_bundle, tmp_p
     bad = _with_config(tiny_image_detector_bundle, tmp_path, flips=["sideways"])
     with pytest.raises(BundleError, match=r"bundle.json: 'detector.config.flips'"):
         build_models(bad)
+
+
+def test_flips_are_in_the_exported_graph(tiny_image_detector_bundle, tmp_path):
+    """cp-export puts the mirrored view inside the detector graph (its parity check runs, against
+    the torch engine that flips too), and ONNX Runtime then gives the torch engine's masks."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install '.[onnx]'")
+    from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
+    from export.cli import main as export_main
+
+    flipped = _with_config(tiny_image_detector_bundle, tmp_path, flips=["h"])
+    assert export_main(["onnx", "--bundle", str(flipped.root), "--out", str(tmp_path / "g")]) == 0
+    x = torch.randn(2, 3, *[flipped.detector.preprocess.image_size] * 2)
+    ort = OnnxRuntimeEngine(flipped, onnx_dir=tmp_path / "g").detect(x)
+    with torch.no_grad():
+        ref = build_models(flipped).detector(x)
+        plain = build_models(tiny_image_detector_bundle).detector(x)
+    for k in ref:  # the graph's maps are the flipped ensemble's, not the plain detector's
+        torch.testing.assert_close(ort[k], ref[k], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ref["heatmap"], plain["heatmap"], atol=1e-3)
