@@ -221,6 +221,7 @@ def export_onnx(bundle: Bundle, models: Models, out: str | Path, opset: int = OP
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_previous(out)
     inputs = sample_inputs(bundle, models)
     modules = graph_modules(bundle, models, precision)
     outputs = graph_outputs(bundle)
@@ -244,6 +245,19 @@ def export_onnx(bundle: Bundle, models: Models, out: str | Path, opset: int = OP
     }
     write_manifest(out, manifest)
     return manifest
+
+
+def _remove_previous(out: Path) -> None:
+    """Delete the graph files an earlier export's manifest names (an int8 export's ``*.int8.onnx``
+    among them), so the folder holds only what the new manifest hashes."""
+    try:
+        old = json.loads((out / MANIFEST_FILE).read_text())
+        names = [g.get(k) for g in old["graphs"].values() for k in ("file", "external_data")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # no earlier export, or not one of ours: nothing of it is removed
+    for name in names:
+        if isinstance(name, str) and name and Path(name).name == name and name not in (".", ".."):
+            (out / name).unlink(missing_ok=True)
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> None:

@@ -59,10 +59,14 @@ def build_trt(onnx_dir: str | Path, out: str | Path, fp16: bool = False, max_bat
               max_instances: int = 32, max_points: int = 16, workspace_gb: float = 4.0,
               progress: bool = True) -> dict:
     """Build one ``.engine`` per graph of ``onnx_dir`` into ``out`` and write its manifest."""
-    trt = import_tensorrt()
     onnx_dir, out = Path(onnx_dir), Path(out)
     hint = f"export the graphs first: cp-export onnx --bundle B --out {onnx_dir}"
     src = read_manifest(onnx_dir, hint)
+    if src.get("precision") == "int8":
+        # The int8 gate measured these QDQ graphs on ONNX Runtime, not on TensorRT's int8 kernels.
+        raise EngineError(f"{onnx_dir}: cp-export trt builds from fp32 or fp16 graphs, and these are int8 (made for "
+                          f"the CPU engines); {hint} (without --precision int8)")
+    trt = import_tensorrt()
     out.mkdir(parents=True, exist_ok=True)
     if fp16 and src.get("precision", "fp32") != "fp16":
         onnx_dir = out / "onnx-fp16"
