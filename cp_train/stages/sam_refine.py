@@ -52,7 +52,8 @@ def train(base: Bundle, data: Dataset, recipe: SamRefineRecipe, out: Path, work:
     d = instance_data(base, s)
     models = s.val.models
     source = boxes = None
-    pipe = CurriculumPipeline(base, TorchEngine(base, models=models), PipelineOptions(prompts="curriculum"))
+    if recipe.train_points == "predicted" or recipe.train_boxes == "detector":
+        pipe = CurriculumPipeline(base, TorchEngine(base, models=models), PipelineOptions(prompts="curriculum"))
     if recipe.train_points == "predicted":  # what the deployed curriculum feeds the head
         source = predicted_points(pipe, d.samples, d.targets, d.embeddings)
     if recipe.train_boxes == "detector":
