@@ -302,7 +302,8 @@ def test_disk_full_mid_run_is_one_line_and_resumable(tiny_bundle, tmp_path, caps
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    assert _batch(inp, out, tiny_bundle, "--workers", "1") == 1
+    # one decode thread and one model worker: images reach the writer in order
+    assert _batch(inp, out, tiny_bundle, "--workers", "1", "--model-workers", "1") == 1
     err = _one_error_line(capsys)
     assert str(out / "masks" / "img_001.png") in err and "No space left on device" in err
     assert "free space, then rerun with --resume" in err
