@@ -37,25 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--bundle", default=None, help="bundle directory (default: the bundle shipped with the package)")
     o.add_argument("--out", default=None, help="output folder (default: BUNDLE/onnx)")
     o.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    o.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+    o.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "bf16"],
                    help="fp16: half-precision graphs with LayerNorm and softmax in fp32 (for GPUs); int8: fp32 "
                    "graphs, then each quantised (static, calibrated on --calib-images) and kept only where it "
-                   "passes the int8 gate against fp32 (for CPUs: ONNX Runtime and OpenVINO)")
+                   "passes the gate against fp32 (for CPUs: ONNX Runtime and OpenVINO); bf16: fp32 graphs, each "
+                   "run by OpenVINO in bf16 where it passes the same gate (for CPUs with AVX512-BF16 or AMX; "
+                   "--engine openvino only)")
     o.add_argument("--external-data", default="auto", choices=["auto", "yes", "no"],
                    help="weights in side files: auto = for graphs over 1 GiB (ViT-H's encoder)")
-    q = o.add_argument_group("int8 (--precision int8)")
+    q = o.add_argument_group("int8 and bf16 (--precision int8|bf16; the --calib flags: int8 only)")
     q.add_argument("--calib-images", default=None, metavar="DIR",
                    help="folder of TRAINING images to calibrate on (required for int8; never test images)")
     q.add_argument("--calib-count", type=int, default=64, metavar="N",
                    help="calibrate on at most N of them, spread over the folder (default 64)")
     q.add_argument("--val-data", default=None, metavar="DIR",
                    help="validation folder with images/ and masks/: the gate also requires validation mDice "
-                   "within --int8-max-mdice-drop of fp32 (with --val-split)")
+                   "within --gate-max-mdice-drop of fp32 (with --val-split)")
     q.add_argument("--val-split", default=None, metavar="FILE", help="names of the validation images, one per line")
-    q.add_argument("--int8-min-dice", type=float, default=0.98,
-                   help="least per-image Dice of a graph's int8 final masks against fp32's (default 0.98)")
-    q.add_argument("--int8-max-mdice-drop", type=float, default=0.005,
-                   help="most validation mDice an int8 graph may lose against fp32 (default 0.005)")
+    q.add_argument("--gate-min-dice", "--int8-min-dice", dest="int8_min_dice", type=float, default=0.98,
+                   help="least per-image Dice of a graph's int8 or bf16 final masks against fp32's (default 0.98)")
+    q.add_argument("--gate-max-mdice-drop", "--int8-max-mdice-drop", dest="int8_max_mdice_drop", type=float,
+                   default=0.005, help="most validation mDice an int8 or bf16 graph may lose against fp32 "
+                   "(default 0.005)")
     parity_flags(o)
     o.set_defaults(func="onnx")
 

@@ -11,16 +11,21 @@ import numpy as np
 
 from cp_deploy.bundle import load_bundle
 from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
+from cp_deploy.engines.openvino import OpenVINOEngine, cpu_has_bf16
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.engines.trt import TensorRTEngine
-from cp_deploy.errors import ParityError, UsageError
+from cp_deploy.errors import EngineError, ParityError, UsageError
 from cp_deploy.files import discover_images, read_image
 from cp_deploy.models.build import Models, build_models
 from cp_train.data import load_samples, read_split
-from export.int8 import Gate, GateImages, calibration_images, quantization_tools, quantize_folder
+from export.bf16 import NO_BF16, bf16_folder
+from export.gate import Gate, GateImages
+from export.int8 import calibration_images, quantization_tools, quantize_folder
 from export.onnx import export_onnx, sample_inputs, write_manifest
 from export.parity import Tolerance, check_parity, synthetic_images
 from export.trt import build_trt
+
+GATED = ("int8", "bf16")  # precisions whose graphs pass the gate of export.gate
 
 # The flags the CLI module parsed (an Flags); argparse itself stays in the CLI modules.
 Flags = Any
@@ -61,29 +66,35 @@ def _finish(out: Path, parity: dict) -> int:
     return 0
 
 
-def _check_int8_flags(args: Flags) -> None:
-    """The int8 flags make sense together, before anything is loaded."""
+def _check_gate_flags(args: Flags) -> None:
+    """The int8 and bf16 flags make sense together, before anything is loaded."""
     if args.precision == "int8" and not args.calib_images:
         raise UsageError("--precision int8 needs --calib-images DIR, a folder of training images to calibrate on "
                          "(never test images)")
-    given = [f for f in ("calib_images", "val_data", "val_split") if getattr(args, f)]
-    if args.precision != "int8" and given:
-        raise UsageError(f"--{given[0].replace('_', '-')} is for --precision int8 only")
+    if args.precision != "int8" and args.calib_images:
+        raise UsageError("--calib-images is for --precision int8 only")
+    given = [f for f in ("val_data", "val_split") if getattr(args, f)]
+    if args.precision not in GATED and given:
+        raise UsageError(f"--{given[0].replace('_', '-')} is for --precision int8 or bf16 only")
     if bool(args.val_data) != bool(args.val_split):
         raise UsageError("--val-data and --val-split go together: the validation folder (images/, masks/) and "
                          "the file of its names")
+    # A missing extra is said now, not after the fp32 export.
     if args.precision == "int8":
-        quantization_tools()  # a missing extra is said now, not after the fp32 export
+        quantization_tools()
+    if args.precision == "bf16" and not cpu_has_bf16():  # also names a missing openvino extra
+        raise EngineError(NO_BF16)
 
 
-def _int8_inputs(args: Flags) -> tuple[list[np.ndarray], GateImages, dict]:
-    """Calibration images, the gate's images and what the manifest says of them: read before the
-    export, so a bad folder fails at once."""
-    calib, _ = calibration_images(args.calib_images, args.calib_count)
+def _gate_inputs(args: Flags) -> tuple[list[np.ndarray], GateImages, dict]:
+    """Calibration images (int8), the gate's images and what the manifest says of them: read
+    before the export, so a bad folder fails at once."""
+    calib = calibration_images(args.calib_images, args.calib_count)[0] if args.precision == "int8" else []
     images, names, source = _images(args.images)
     gate_images = GateImages(names, images)
-    info = {"calibration": {"folder": str(Path(args.calib_images).resolve()), "images": len(calib)},
-            "gate_images": source, "validation": None}
+    info = {"gate_images": source, "validation": None}
+    if calib:
+        info["calibration"] = {"folder": str(Path(args.calib_images).resolve()), "images": len(calib)}
     if args.val_data:
         samples = load_samples(args.val_data, read_split(args.val_split), progress=False)
         gate_images.val_names = [s.name for s in samples]
@@ -95,24 +106,28 @@ def _int8_inputs(args: Flags) -> tuple[list[np.ndarray], GateImages, dict]:
 
 
 def onnx(args: Flags) -> int:
-    _check_int8_flags(args)
+    _check_gate_flags(args)
     bundle = load_bundle(args.bundle)
     out = Path(args.out) if args.out else bundle.root / "onnx"
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     models = build_models(bundle)  # exported, then the parity reference: built once
-    int8 = _int8_inputs(args) if args.precision == "int8" else None
+    gated = _gate_inputs(args) if args.precision in GATED else None
     export_onnx(bundle, models, out, opset=args.opset, external_data=external,
-                precision="fp32" if int8 else args.precision)
-    if int8:
-        calib, gate_images, info = int8
-        verdicts = quantize_folder(bundle, out, calib, gate_images, Gate(args.int8_min_dice, args.int8_max_mdice_drop),
-                                   info)
+                precision="fp32" if gated else args.precision)
+    if gated:
+        calib, gate_images, info = gated
+        gate = Gate(args.int8_min_dice, args.int8_max_mdice_drop)
+        verdicts = (quantize_folder(bundle, out, calib, gate_images, gate, info) if args.precision == "int8"
+                    else bf16_folder(bundle, out, gate_images, gate, info))
         kept = [g for g, v in verdicts.items() if v.reason is None]
-        print(f"cp-export: int8 kept for {', '.join(kept) or 'no graph'}; fp32 for the others (manifest.json says why)")
+        print(f"cp-export: {args.precision} kept for {', '.join(kept) or 'no graph'}; fp32 for the others "
+              "(manifest.json says why)")
     if args.no_parity:
         print("cp-export: parity check skipped (--no-parity); engines accept the graphs unchecked")
         return 0
-    engine = OnnxRuntimeEngine(bundle, onnx_dir=out)
+    # A bf16 folder is OpenVINO's alone; the other folders are checked on ONNX Runtime.
+    engine = (OpenVINOEngine(bundle, onnx_dir=out) if args.precision == "bf16"
+              else OnnxRuntimeEngine(bundle, onnx_dir=out))
     return _finish(out, _parity(bundle, engine, args, lambda g, feeds: engine.run(g, feeds), models))
 
 

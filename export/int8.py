@@ -8,30 +8,27 @@ graph by graph, each kept only if it passes a parity gate against fp32.
   uint8 activations, MinMax ranges). QDQ graphs run on ONNX Runtime and OpenVINO alike
   (OpenVINO on its int8 kernels, f32 hint or not). NNCF 3.4's ONNX backend was measured too: its
   graphs ran slower than fp32 on ONNX Runtime, and its encoder did not compile on OpenVINO;
-* **gate**: each int8 graph is swapped in alone (the others fp32) and the pipeline runs on the
-  parity images and, where given, the validation set. The graph stays int8 only if every parity
-  image's final mask has Dice >= ``Gate.min_dice`` against fp32's and validation mDice is within
-  ``Gate.max_mdice_drop`` of fp32's; the graphs that passed are then checked together the same
-  way (errors add up), dropping the weakest until the mixed set passes. ``manifest.json`` records
-  each graph's precision and figures, and for a graph that stays fp32 the measured reason.
+* **gate** (:mod:`export.gate`): each int8 graph is swapped in alone (the others fp32) and the
+  pipeline runs on the parity images and, where given, the validation set. The graph stays int8
+  only if every parity image's final mask has Dice >= ``Gate.min_dice`` against fp32's and
+  validation mDice is within ``Gate.max_mdice_drop`` of fp32's; the graphs that passed are then
+  checked together the same way. ``manifest.json`` records each graph's precision and figures,
+  and for a graph that stays fp32 the measured reason.
 
 A kept graph's fp32 file is removed, so the folder holds exactly the files the manifest hashes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cp_deploy.bundle import Bundle
 from cp_deploy.engines.graphs import GraphEngine
@@ -39,14 +36,12 @@ from cp_deploy.engines.manifest import GRAPHS, MANIFEST_FILE
 from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
 from cp_deploy.errors import InputError, MissingExtraError
 from cp_deploy.files import atomic_write_bytes, discover_images, read_image
-from cp_deploy.metrics import dice
 from cp_deploy.models.weights import sha256_file
-from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
+from export.gate import Gate, GateImages, MixedEngine, Verdict, pipeline_masks, select_graphs
 from export.onnx import write_manifest
 
 INT8_SUFFIX = ".int8.onnx"
 CALIB_IMAGES = 64  # default count of calibration images (the CLI's --calib-count)
-BATCH = 4  # images per pipeline call in gate runs
 # The ops with int8 kernels worth having. Quantising every op (ONNX Runtime's default) also wraps
 # the encoder's element-wise GELU and attention pieces: calibrating those took over 7 GB for one
 # image of the default bundle's TinyViT.
@@ -55,53 +50,6 @@ METHOD = ("onnxruntime quantize_static: QDQ around " + ", ".join(OPS) + "; per-c
           "uint8 activations, MinMax ranges")
 
 Feeds = dict[str, np.ndarray]
-
-
-@dataclass
-class Gate:
-    """What an int8 graph must keep against fp32: per image final-mask Dice, and validation mDice."""
-
-    min_dice: float = 0.98
-    max_mdice_drop: float = 0.005
-
-
-@dataclass
-class GateImages:
-    """The images the gate runs on: named parity images, and validation images with their masks."""
-
-    names: list[str]
-    images: list[np.ndarray]
-    val_names: list[str] = field(default_factory=list)
-    val_images: list[np.ndarray] = field(default_factory=list)
-    val_masks: list[np.ndarray] = field(default_factory=list)
-
-
-@dataclass
-class Verdict:
-    """One graph's (or the mixed set's) gate figures, and why it failed (``None``: passed).
-
-    ``dice_*`` are per parity image against fp32's masks (the per-image rule); ``val_*`` are
-    validation mDice against the ground truth, int8 and fp32, and, for information, the least
-    per-image Dice against fp32 there."""
-
-    dice_min: float
-    dice_mean: float
-    worst_image: str
-    val_mdice: float | None = None
-    val_mdice_fp32: float | None = None
-    val_dice_min: float | None = None
-    val_worst_image: str | None = None
-    reason: str | None = None
-
-    def to_json(self) -> dict:
-        if not self.worst_image:  # never gated: only the reason
-            return {"reason": self.reason}
-        out = {"dice_min": round(self.dice_min, 5), "dice_mean": round(self.dice_mean, 5),
-               "worst_image": self.worst_image}
-        if self.val_mdice is not None:
-            out.update(val_mdice=round(self.val_mdice, 5), val_mdice_fp32=round(self.val_mdice_fp32, 5),
-                       val_dice_min=round(self.val_dice_min, 5), val_worst_image=self.val_worst_image)
-        return out if self.reason is None else {**out, "reason": self.reason}
 
 
 def quantization_tools():
@@ -149,46 +97,12 @@ def load_feeds(path: Path) -> Feeds:
         return {k: z[k] for k in z.files}
 
 
-class MixedEngine(GraphEngine):
-    """The graphs of ``base``, except those in ``swap``, which run on ``other`` (same tensors).
-
-    ``memo`` caches ``base``'s outputs by the hash of their feeds: a swapped graph changes only
-    what runs after it, so gate runs recompute only those stages. ``record`` keeps every feed.
-    """
-
-    def __init__(self, base: GraphEngine, other: GraphEngine | None = None, swap: tuple[str, ...] = (),
-                 memo: dict | None = None, record: FeedStore | None = None) -> None:
-        self.base, self.other, self.swap = base, other, tuple(swap)
-        self.manifest, self.device, self.mask_size = base.manifest, base.device, base.mask_size
-        self.memo, self.record = memo, record
-
-    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        if self.record is not None:
-            self.record.add(graph, self.numpy_feeds(graph, feeds))
-        if graph in self.swap:
-            return self.other.run(graph, feeds)
-        if self.memo is None:
-            return self.base.run(graph, feeds)
-        h = hashlib.sha1(graph.encode())
-        for name, x in sorted(self.numpy_feeds(graph, feeds).items()):
-            h.update(name.encode() + str(x.shape).encode() + np.ascontiguousarray(x).tobytes())
-        key = h.hexdigest()
-        if key not in self.memo:
-            self.memo[key] = self.base.run(graph, feeds)
-        return [y.clone() for y in self.memo[key]]  # the pipeline's own tensors, never the cache's
-
-
-def _masks(bundle: Bundle, engine: GraphEngine, images: list[np.ndarray], batch: int = BATCH) -> list[np.ndarray]:
-    pipe = CurriculumPipeline(bundle, engine, PipelineOptions(prompts="curriculum"))
-    return [r.mask for i in range(0, len(images), batch) for r in pipe.predict(images[i:i + batch])]
-
-
 def record_feeds(bundle: Bundle, engine: GraphEngine, images: list[np.ndarray], folder: Path) -> FeedStore:
     """Each graph's feeds while the pipeline runs ``engine`` on ``images``, one image per call:
     the calibrator then holds one image's activations at a time (a batch of 4 took 10 GB for the
     default encoder)."""
     store = FeedStore(folder)
-    _masks(bundle, MixedEngine(engine, record=store), images, batch=1)
+    pipeline_masks(bundle, MixedEngine(engine, record=store.add), images, batch=1)
     return store
 
 
@@ -241,28 +155,6 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def judge(ref: list[np.ndarray], got: list[np.ndarray], images: GateImages, gate: Gate,
-          ref_val: list[np.ndarray], got_val: list[np.ndarray]) -> Verdict:
-    """The gate's figures of ``got`` masks against fp32's ``ref`` (parity images; ``*_val`` on the
-    validation images), and its reason to refuse: a parity image under ``gate.min_dice``, or
-    validation mDice more than ``gate.max_mdice_drop`` below fp32's."""
-    dices = [dice(g, r) for g, r in zip(got, ref)]
-    worst = int(np.argmin(dices))
-    v = Verdict(float(dices[worst]), float(np.mean(dices)), images.names[worst])
-    if images.val_masks:
-        v.val_mdice = float(np.mean([dice(g, m) for g, m in zip(got_val, images.val_masks)]))
-        v.val_mdice_fp32 = float(np.mean([dice(r, m) for r, m in zip(ref_val, images.val_masks)]))
-        val_dices = [dice(g, r) for g, r in zip(got_val, ref_val)]
-        v.val_dice_min = float(np.min(val_dices))
-        v.val_worst_image = images.val_names[int(np.argmin(val_dices))]
-    if v.dice_min < gate.min_dice:
-        v.reason = f"min Dice {v.dice_min:.4f} < {gate.min_dice} on image {v.worst_image}"
-    elif v.val_mdice is not None and v.val_mdice_fp32 - v.val_mdice > gate.max_mdice_drop:
-        v.reason = (f"validation mDice {v.val_mdice:.4f} is {v.val_mdice_fp32 - v.val_mdice:.4f} below fp32's "
-                    f"{v.val_mdice_fp32:.4f} (more than {gate.max_mdice_drop})")
-    return v
-
-
 def quantize_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray], images: GateImages,
                     gate: Gate | None = None, info: dict | None = None,
                     log: Callable[[str], None] | None = None) -> dict[str, Verdict]:
@@ -308,42 +200,12 @@ def quantize_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray],
         write_manifest(stage, staged)
         cand = OnnxRuntimeEngine(bundle, onnx_dir=stage)
 
-        memo: dict = {}
-        base = MixedEngine(ref, memo=memo)
-        ref_masks, ref_val = _masks(bundle, base, images.images), _masks(bundle, base, images.val_images)
-
-        def try_swap(swap: tuple[str, ...]) -> Verdict:
-            engine = MixedEngine(ref, cand, swap, memo=memo)
-            got, got_val = _masks(bundle, engine, images.images), _masks(bundle, engine, images.val_images)
-            return judge(ref_masks, got, images, gate, ref_val, got_val)
-
-        for name in quantised:
-            t0 = time.perf_counter()
-            verdicts[name] = try_swap((name,))
-            log(f"cp-export: int8 {name}: {_line(verdicts[name])} ({time.perf_counter() - t0:.0f} s)")
-        kept = [g for g in quantised if verdicts[g].reason is None]
-        mixed = None
-        while len(kept) > 1:
-            mixed = try_swap(tuple(kept))
-            log(f"cp-export: int8 {'+'.join(kept)} together: {_line(mixed)}")
-            if mixed.reason is None:
-                break
-            weakest = min(kept, key=lambda g: verdicts[g].dice_min)
-            kept.remove(weakest)
-            verdicts[weakest].reason = (f"held alone, but with {', '.join(kept)} also int8 the mixed set failed: "
-                                        f"{mixed.reason}")
-            mixed = None
+        gated, kept, mixed = select_graphs(bundle, ref, cand, quantised, images, gate, "int8", log)
+        verdicts.update(gated)
         if mixed is not None:
             info = {**(info or {}), "mixed": mixed.to_json()}
         _finish(folder, stage, manifest, staged, verdicts, kept, gate, info or {})
     return verdicts
-
-
-def _line(v: Verdict) -> str:
-    val = "" if v.val_mdice is None else (f", validation mDice {v.val_mdice:.4f} (fp32 {v.val_mdice_fp32:.4f}; "
-                                          f"least Dice to fp32 {v.val_dice_min:.4f})")
-    return (f"min Dice {v.dice_min:.4f} ({v.worst_image}), mean {v.dice_mean:.4f}{val}: "
-            + ("kept" if v.reason is None else f"stays fp32, {v.reason}"))
 
 
 def _finish(folder: Path, stage: Path, manifest: dict, staged: dict, verdicts: dict[str, Verdict],

@@ -34,8 +34,8 @@ class Tolerance:
     rel: float = 1e-3
     pixel_agreement: float = 0.999
     dice: float = 0.99
-    # Graphs whose logits are not bounded (int8 ones): their differences are reported, and only the
-    # final masks judge them.
+    # Graphs whose logits are not bounded (int8 and bf16 ones): their differences are reported, and
+    # only the final masks judge them.
     unbounded: tuple[str, ...] = ()
 
     @classmethod
@@ -46,13 +46,14 @@ class Tolerance:
 
     @classmethod
     def for_manifest(cls, manifest: dict) -> Tolerance:
-        """The tolerance of an exported folder: by its precision, and where some graphs are int8,
-        the int8 gate's per-image Dice (0.98) with those graphs' logits unbounded (quantisation
-        moves them by far more than 1e-3; the other graphs keep their bound)."""
-        int8 = tuple(g for g, spec in manifest.get("graphs", {}).items() if spec.get("precision") == "int8")
-        if not int8:
+        """The tolerance of an exported folder: by its precision, and where some graphs are int8 or
+        bf16, the gate's per-image Dice (0.98) with those graphs' logits unbounded (quantisation
+        and bf16 move them by far more than 1e-3; the other graphs keep their bound)."""
+        reduced = tuple(g for g, spec in manifest.get("graphs", {}).items()
+                        if spec.get("precision") in ("int8", "bf16"))
+        if not reduced:
             return cls.for_precision("fp16" if manifest.get("precision") == "fp16" else "fp32")
-        return cls(pixel_agreement=0.98, dice=0.98, unbounded=int8)
+        return cls(pixel_agreement=0.98, dice=0.98, unbounded=reduced)
 
 
 @dataclass

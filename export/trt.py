@@ -62,10 +62,11 @@ def build_trt(onnx_dir: str | Path, out: str | Path, fp16: bool = False, max_bat
     onnx_dir, out = Path(onnx_dir), Path(out)
     hint = f"export the graphs first: cp-export onnx --bundle B --out {onnx_dir}"
     src = read_manifest(onnx_dir, hint)
-    if src.get("precision") == "int8":
-        # The int8 gate measured these QDQ graphs on ONNX Runtime, not on TensorRT's int8 kernels.
-        raise EngineError(f"{onnx_dir}: cp-export trt builds from fp32 or fp16 graphs, and these are int8 (made for "
-                          f"the CPU engines); {hint} (without --precision int8)")
+    if src.get("precision") in ("int8", "bf16"):
+        # The gate measured these graphs on the CPU engines, not on TensorRT's kernels.
+        raise EngineError(f"{onnx_dir}: cp-export trt builds from fp32 or fp16 graphs, and these are "
+                          f"{src['precision']} (made for the CPU engines); {hint} (without --precision "
+                          f"{src['precision']})")
     trt = import_tensorrt()
     out.mkdir(parents=True, exist_ok=True)
     if fp16 and src.get("precision", "fp32") != "fp16":

@@ -35,6 +35,12 @@ class OnnxRuntimeEngine(GraphEngine):
                  threads: int = 0) -> None:
         ort = import_onnxruntime()
         hint, paths = self.load_onnx_folder(bundle, onnx_dir)
+        bf16 = [g for g, spec in self.manifest["graphs"].items() if spec.get("precision") == "bf16"]
+        if bf16:
+            # Those graphs passed their gate in OpenVINO's bf16; run in fp32 here, the masks would
+            # not be the ones the manifest vouches for.
+            raise EngineError(f"{self.folder}: {', '.join(bf16)} were exported to run in bf16 on OpenVINO "
+                              f"(cp-export onnx --precision bf16); use --engine openvino, or {hint}")
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -15,7 +15,7 @@ from cp_deploy.errors import EngineError
 from cp_deploy.models.weights import sha256_file
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
 from export.cli import main as export_main
-from export.int8 import Gate, GateImages, judge
+from export.gate import Gate, GateImages, judge
 from export.parity import Tolerance, synthetic_images
 from tests.conftest import make_images
 
