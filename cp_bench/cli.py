@@ -60,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reference", action="store_true", help="also time the SamPredictor reference, same images")
     sp.add_argument("--latency", action="store_true",
                     help="latency mode: batch 1, one image per call; p50/p95/mean ms per image (device synchronised)")
-    sp.add_argument("--threads", type=int, default=0, 
+    sp.add_argument("--threads", type=int, default=0,
                     help="CPU threads of torch / ONNX Runtime / OpenVINO (0: default)")
+    sp.add_argument("--end-to-end", action="store_true",
+                    help="time cp-deploy batch's executor from image files to written masks (models' load "
+                    "included), and with --reference the SamPredictor loop reading and writing the same files")
+    sp.add_argument("--model-workers", default="auto", metavar="auto|N",
+                    help="--end-to-end: cp-deploy batch's --model-workers")
     sp.add_argument("--json", default=None, help="write the numbers here too")
     sp.set_defaults(run="run_speed")
 

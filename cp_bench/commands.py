@@ -45,10 +45,16 @@ def run_speed(a: Flags) -> int:
     """``cp-bench speed``: the pipeline's throughput, and the SamPredictor loop's with --reference."""
     if a.latency and a.batch_size != 1:
         raise UsageError(f"--latency times batch 1 (one image per call); drop --batch-size {a.batch_size}")
+    if a.end_to_end and (a.latency or not a.image_dir):
+        raise UsageError("--end-to-end times image files to written masks: drop --latency, and give --image-dir "
+                         "a folder of images")
+    if a.model_workers != "auto" and not a.end_to_end:
+        raise UsageError("--model-workers is for --end-to-end (cp-deploy batch's executor)")
     cfg = speed.SpeedConfig(bundle=a.bundle, engine=a.engine, graphs=a.graphs,
                             device=resolve_device(a.device, a.engine),
                             batch_size=a.batch_size, precision=a.precision, compile=a.compile, images=a.images,
-                            image_dir=a.image_dir, reference=a.reference, threads=a.threads, latency=a.latency)
+                            image_dir=a.image_dir, reference=a.reference, threads=a.threads, latency=a.latency,
+                            end_to_end=a.end_to_end, model_workers=a.model_workers)
     result = speed.measure_speed(cfg)
     print(speed.summary(result))
     write_json(a.json, result)

@@ -12,12 +12,21 @@ the values, not the cost.) Both run on the same images, after a warm-up.
 *Latency* (``SpeedConfig.latency``, ``cp-bench speed --latency``): ours at batch 1, one image per
 call, each call's wall time with the device synchronised at its end; p50, p95 and mean per image
 and each stage's p50 (the stage timers synchronise the device too).
+
+*End to end* (``SpeedConfig.end_to_end``, ``cp-bench speed --end-to-end``): from image files to
+written masks. Ours is ``cp-deploy batch``'s local executor (decoding threads, model workers in
+the arrangement ``--model-workers`` picks, the writer thread), its wall time including the models'
+load; the reference reads each file, runs the loop above and writes the union of its masks as a
+PNG. Both get the same files: ``--images`` copies cycled from ``--image-dir``.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +40,9 @@ from cp_deploy.bundle import Bundle, load_bundle
 from cp_deploy.engines import create_engine
 from cp_deploy.engines.base import Engine
 from cp_deploy.engines.torch import TorchEngine
-from cp_deploy.files import discover_images, read_image
+from cp_deploy.executors import PipelineFactory
+from cp_deploy.executors.local import run_folder
+from cp_deploy.files import discover_images, read_image, write_mask
 from cp_deploy.models.build import Models
 from cp_deploy.pipeline import STAGES, CurriculumPipeline, PipelineOptions
 from cp_deploy.preprocess import to_rgb_uint8
@@ -54,6 +65,8 @@ class SpeedConfig:
     reference: bool = False
     threads: int = 0
     latency: bool = False
+    end_to_end: bool = False
+    model_workers: int | str = "auto"  # end to end: cp-deploy batch's --model-workers
     # torch engine only (see cp_deploy.engines.torch): None keeps the engine's defaults.
     attention: str | None = None
     trim_windows: bool = False
@@ -62,23 +75,29 @@ class SpeedConfig:
     def __post_init__(self) -> None:
         if self.latency and self.batch_size != 1:
             raise ValueError("latency is timed at batch 1, one image per call; leave the batch size at 1")
+        if self.end_to_end and not self.image_dir:
+            raise ValueError("end to end reads image files; give an image folder, not synthetic images")
         if self.engine != "torch" and (self.attention or self.trim_windows or self.decoder_buckets):
             raise ValueError(f"attention, trim_windows and decoder_buckets are the torch engine's options, "
                              f"not {self.engine}'s")
 
 
-def reference_curriculum(pipe: CurriculumPipeline, p_box: SamPredictor, p_ref: SamPredictor, image: np.ndarray) -> int:
+def reference_curriculum(pipe: CurriculumPipeline, p_box: SamPredictor, p_ref: SamPredictor,
+                         image: np.ndarray) -> np.ndarray:
     """The naive curriculum: ``set_image`` for the box pass and again for the fine pass, one
-    ``predict`` per instance; detector and keypoints are ours (they are not what differs)."""
+    ``predict`` per instance; detector and keypoints are ours (they are not what differs).
+    Returns the union of the fine masks."""
     p_box.set_image(image)
     (boxes, _), = pipe.detect([image], embeddings=p_box.features)
     coarse = [p_box.predict(box=b.numpy(), multimask_output=False)[2] for b in boxes]
     points = pipe.keypoints([image], boxes, embeddings=p_box.features)[0] if len(boxes) else []
     p_ref.set_image(image)
+    union = np.zeros(image.shape[:2], bool)
     for low, pts in zip(coarse, points):
-        p_ref.predict(point_coords=pts.numpy(), point_labels=np.zeros(len(pts)), mask_input=low,
-                      multimask_output=False)
-    return len(boxes)
+        masks, _, _ = p_ref.predict(point_coords=pts.numpy(), point_labels=np.zeros(len(pts)), mask_input=low,
+                                    multimask_output=False)
+        union |= masks[0]
+    return union
 
 
 def load_images(image_dir: str | None, n: int) -> list[np.ndarray]:
@@ -146,12 +165,17 @@ def latency_of(ours: dict, images: int) -> dict:
             "stage_ms_p50": ours["stage_ms_p50"]}
 
 
-def run_reference(pipe: CurriculumPipeline, models: Models, images: list[np.ndarray], device: str) -> dict:
-    """Time :func:`reference_curriculum` on ``images``, one at a time, after a warm-up."""
+def reference_predictors(models: Models, device: str) -> tuple[SamPredictor, SamPredictor]:
+    """SamPredictors of the box head and the refine head around the same image encoder."""
     # Sam's own pixel_mean/std buffers decide SamPredictor's device, so the wrappers move too.
     sam_box = Sam(models.image_encoder, models.box.prompt_encoder, models.box.mask_decoder).to(device).eval()
     sam_ref = Sam(models.image_encoder, models.refine.prompt_encoder, models.refine.mask_decoder).to(device).eval()
-    p_box, p_ref = SamPredictor(sam_box), SamPredictor(sam_ref)
+    return SamPredictor(sam_box), SamPredictor(sam_ref)
+
+
+def run_reference(pipe: CurriculumPipeline, models: Models, images: list[np.ndarray], device: str) -> dict:
+    """Time :func:`reference_curriculum` on ``images``, one at a time, after a warm-up."""
+    p_box, p_ref = reference_predictors(models, device)
     lat = []
     with torch.inference_mode():
         reference_curriculum(pipe, p_box, p_ref, images[0])  # warm-up
@@ -167,6 +191,59 @@ def run_reference(pipe: CurriculumPipeline, models: Models, images: list[np.ndar
             "latency_ms_p95": round(float(np.percentile(lat, 95)), 2)}
 
 
+def input_files(image_dir: str, n: int, folder: Path) -> list[Path]:
+    """``n`` image files in ``folder``: the images of ``image_dir`` copied in turn, each under its own name."""
+    pool = [Path(image_dir) / p for p in discover_images(image_dir)]
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / f"{i:05d}_{pool[i % len(pool)].name}" for i in range(n)]
+    for i, f in enumerate(files):
+        shutil.copyfile(pool[i % len(pool)], f)
+    return files
+
+
+def run_ours_files(cfg: SpeedConfig, files: list[Path], out: Path) -> dict:
+    """``cp-deploy batch``'s local executor from the files to written masks, as the CLI sets it up
+    (two decoding threads, ``cfg.model_workers``); wall time includes loading the models."""
+    factory = PipelineFactory(cfg.bundle, cfg.engine, cfg.device, PipelineOptions(prompts="curriculum"),
+                              cfg.threads, cfg.graphs, cfg.precision, cfg.compile)
+    t0 = time.perf_counter()
+    summary = run_folder(factory, files[0].parent, out, batch_size=cfg.batch_size, workers=2, progress=False,
+                         model_workers=cfg.model_workers)
+    wall = time.perf_counter() - t0
+    if summary.failed or summary.ok != len(files):
+        raise RuntimeError(f"end to end: {summary.line()}")
+    arrangement = json.loads((out / "run.json").read_text())["provenance"]["arrangement"]
+    return {"images": len(files), "seconds": round(wall, 2), "images_per_s": round(len(files) / wall, 3),
+            "arrangement": arrangement}
+
+
+def run_reference_files(bundle: Bundle, files: list[Path], out: Path, device: str) -> dict:
+    """The reference from the files to written masks: read, :func:`reference_curriculum`, write a
+    PNG, one file at a time; wall time includes building its models."""
+    t0 = time.perf_counter()
+    engine = TorchEngine(bundle, device=device, attention="sam")  # segment-anything's own attention
+    pipe = CurriculumPipeline(bundle, engine, PipelineOptions(prompts="curriculum"))
+    p_box, p_ref = reference_predictors(engine.models, device)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        for f in files:
+            mask = reference_curriculum(pipe, p_box, p_ref, to_rgb_uint8(read_image(f)))
+            write_mask(out / f"{f.stem}.png", mask)
+    wall = time.perf_counter() - t0
+    return {"images": len(files), "seconds": round(wall, 2), "images_per_s": round(len(files) / wall, 3)}
+
+
+def measure_end_to_end(cfg: SpeedConfig) -> dict:
+    """Ours (and with ``cfg.reference`` the reference) from files to written masks, in this process."""
+    with tempfile.TemporaryDirectory(prefix="cp-bench-") as tmp:
+        files = input_files(cfg.image_dir, cfg.images, Path(tmp) / "in")
+        result = {"ours": run_ours_files(cfg, files, Path(tmp) / "ours")}
+        if cfg.reference:
+            result["reference"] = run_reference_files(load_bundle(cfg.bundle), files, Path(tmp) / "ref", cfg.device)
+            result["speedup"] = round(result["ours"]["images_per_s"] / result["reference"]["images_per_s"], 2)
+    return result
+
+
 def make_engine(cfg: SpeedConfig, bundle: Bundle) -> Engine:
     """The engine ``cfg`` names; the torch engine with its GPU options."""
     if cfg.engine == "torch":
@@ -176,10 +253,21 @@ def make_engine(cfg: SpeedConfig, bundle: Bundle) -> Engine:
                          precision=cfg.precision, compile=cfg.compile)
 
 
+def device_name(cfg: SpeedConfig) -> str:
+    if cfg.device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def measure_speed(cfg: SpeedConfig, engine: Engine | None = None) -> dict:
     """Time ours (per-image latency at batch 1 with ``cfg.latency``; and with ``cfg.reference``
     the SamPredictor loop) on the same images. ``engine``: one already made for ``cfg`` (a
     compiled one keeps its compiled graphs across calls)."""
+    if cfg.end_to_end:
+        bundle = load_bundle(cfg.bundle)
+        return {"device": device_name(cfg), "engine": cfg.engine, "precision": cfg.precision,
+                "bundle": str(bundle.root), "sam": bundle.sam_arch, "batch_size": cfg.batch_size, "images": cfg.images,
+                "image_dir": cfg.image_dir, "end_to_end": measure_end_to_end(cfg)}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bundle = load_bundle(cfg.bundle)
@@ -187,8 +275,7 @@ def measure_speed(cfg: SpeedConfig, engine: Engine | None = None) -> dict:
     pipe = CurriculumPipeline(bundle, engine, PipelineOptions(prompts="curriculum"))
     images = load_images(cfg.image_dir, cfg.images)
     result = {
-        "device": (torch.cuda.get_device_name() if cfg.device.startswith("cuda")
-                   else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "device": device_name(cfg),
         "engine": cfg.engine, "precision": cfg.precision, "compile": cfg.compile, "bundle": str(bundle.root),
         "sam": bundle.sam_arch, "batch_size": cfg.batch_size,
         "images": len(images), "image_dir": cfg.image_dir or "synthetic",
@@ -210,6 +297,18 @@ def measure_speed(cfg: SpeedConfig, engine: Engine | None = None) -> dict:
 
 def summary(result: dict) -> str:
     """The per-stage table and the throughput lines of one :func:`measure_speed` result."""
+    if "end_to_end" in result:
+        e2e = result["end_to_end"]
+        ours, arr = e2e["ours"], e2e["ours"]["arrangement"]
+        lines = [f"end to end, files to written masks: {result['engine']} on {result['device']}, {result['sam']}, "
+                 f"{ours['images']} images from {result['image_dir']}",
+                 f"ours: {ours['images_per_s']} images/s ({ours['seconds']} s, models' load included; "
+                 f"{arr['model_workers']} model workers x {arr['threads_per_worker']} threads)"]
+        if "reference" in e2e:
+            r = e2e["reference"]
+            lines.append(f"reference (SamPredictor loop, reading and writing the same files): {r['images_per_s']} "
+                         f"images/s ({r['seconds']} s); ours / reference = {e2e['speedup']}x")
+        return "\n".join(lines)
     ours = result["ours"]
     lines = [f"{result['engine']} on {result['device']}, {result['sam']}, batch {result['batch_size']}, "
              f"{result['images']} images", "| stage | ms per image |\n| --- | --- |"]

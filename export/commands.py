@@ -120,8 +120,8 @@ def onnx(args: Flags) -> int:
         verdicts = (quantize_folder(bundle, out, calib, gate_images, gate, info) if args.precision == "int8"
                     else bf16_folder(bundle, out, gate_images, gate, info))
         kept = [g for g, v in verdicts.items() if v.reason is None]
-        print(f"cp-export: {args.precision} kept for {', '.join(kept) or 'no graph'}; fp32 for the others "
-              "(manifest.json says why)")
+        others = "; fp32 for the others (manifest.json says why)" if len(kept) < len(verdicts) else ""
+        print(f"cp-export: {args.precision} kept for {', '.join(kept) or 'no graph'}{others}")
     if args.no_parity:
         print("cp-export: parity check skipped (--no-parity); engines accept the graphs unchecked")
         return 0

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import builtins
 import os
+import tempfile
 from pathlib import Path
 
-import cv2
-import numpy as np
-import pytest
-
-from cp_deploy.models.build import init_bundle
-from cp_deploy.models.registry import keypoint_family
-
-# Never reach the Hugging Face hub (read by huggingface_hub when it is first imported).
+# Set before cp_deploy is imported: never reach the Hugging Face hub (read by huggingface_hub when
+# it is first imported), and keep the suite's caches (OpenVINO's compiled graphs) out of the home.
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("CP_CACHE_DIR", tempfile.mkdtemp(prefix="cp-test-cache-"))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from cp_deploy.models.build import init_bundle  # noqa: E402
+from cp_deploy.models.registry import keypoint_family  # noqa: E402
 
 # The top-down keypoint net at its smallest: HRNet-W18-small on 64-pixel crops.
 TOPDOWN_TINY = keypoint_family("topdown_heatmap").default_config(backbone="hrnet_w18_small", crop_size=64,

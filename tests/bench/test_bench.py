@@ -65,6 +65,30 @@ def test_speed_times_the_instances_cp_deploy_finds(tiny_bundle, dataset, batch_r
     assert r["speedup"] == pytest.approx(r["ours"]["images_per_s"] / r["reference"]["images_per_s"], abs=0.01)
 
 
+def test_speed_end_to_end_runs_the_executor_and_the_reference_on_the_same_files(tiny_bundle, dataset, tmp_path):
+    """--end-to-end: cp-deploy batch's executor on copies of the images, in the arrangement asked
+    for, and the reference on the same files, in one call."""
+    out = tmp_path / "e2e.json"
+    assert bench_main(["speed", "--bundle", str(tiny_bundle.root), "--image-dir", str(dataset / "images"),
+                       "--images", "7", "--end-to-end", "--model-workers", "2", "--reference",
+                       "--json", str(out)]) == 0
+    e2e = json.loads(out.read_text())["end_to_end"]
+    ours, ref = e2e["ours"], e2e["reference"]
+    assert ours["images"] == ref["images"] == 7
+    assert ours["arrangement"]["model_workers"] == 2 and ours["arrangement"]["requested"] == 2
+    assert ours["images_per_s"] == pytest.approx(7 / ours["seconds"], rel=0.01)
+    assert e2e["speedup"] == pytest.approx(ours["images_per_s"] / ref["images_per_s"], abs=0.01)
+
+
+@pytest.mark.parametrize("flags,needle", [(["--end-to-end", "--latency"], "drop --latency"),
+                                          (["--end-to-end", "--image-dir", ""], "give --image-dir"),
+                                          (["--model-workers", "2"], "--model-workers is for --end-to-end")])
+def test_speed_flag_errors_are_one_line_exit_2(tiny_bundle, capsys, flags, needle):
+    assert bench_main(["speed", "--bundle", str(tiny_bundle.root), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
 def test_memory_runs_each_size_in_its_own_process(tmp_path, capsys):
     out = tmp_path / "memory.json"
     assert bench_main(["memory", "--sizes", "3", "5", "--json", str(out)]) == 0

@@ -142,3 +142,16 @@ def test_one_thread_models_are_not_pinned(tiny_bundle, fp32_folder):
     for g in GRAPHS:
         assert engine.models[g].get_property("ENABLE_CPU_PINNING") is False
         assert engine.models[g].get_property("INFERENCE_NUM_THREADS") == 1
+
+
+def test_compiled_graphs_are_cached_by_their_sha256(tiny_bundle, fp32_folder, tmp_path):
+    """One cache folder per graph file's hash: a second engine loads from it, and a graph
+    exported anew (another hash) never meets the blob of the old one."""
+    OpenVINOEngine(tiny_bundle, onnx_dir=fp32_folder, threads=1, cache=tmp_path)
+    shas = {spec["sha256"][:16] for spec in _manifest(fp32_folder)["graphs"].values()}
+    assert {p.name for p in tmp_path.iterdir()} == shas
+    assert all(any((tmp_path / s).iterdir()) for s in shas)
+    again = OpenVINOEngine(tiny_bundle, onnx_dir=fp32_folder, threads=1, cache=tmp_path)
+    assert again.models["box"].get_property("LOADED_FROM_CACHE") is True
+    assert OpenVINOEngine(tiny_bundle, onnx_dir=fp32_folder, cache=None).models["box"].get_property(
+        "LOADED_FROM_CACHE") is False
