@@ -3,6 +3,7 @@ through a Ray Data actor pool. Both build the pipeline with :class:`PipelineFact
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -51,6 +52,18 @@ def run_settings(bundle: Bundle, engine: str, graphs: Path | None, precision: st
     return settings
 
 
+def graph_precisions(graphs: Path | None) -> dict[str, str] | None:
+    """Each exported graph's precision as its manifest records it (fp32, fp16, int8 or bf16)."""
+    manifest = Path(graphs) / MANIFEST_FILE if graphs is not None else None
+    if manifest is None or not manifest.is_file():
+        return None
+    try:
+        spec = json.loads(manifest.read_text())
+        return {g: e.get("precision", spec.get("precision", "fp32")) for g, e in spec["graphs"].items()}
+    except (OSError, ValueError, KeyError, AttributeError):  # the engine names a broken manifest when it loads
+        return None
+
+
 def provenance(bundle: Bundle, settings: dict, graphs: Path | None, device: str) -> dict:
     """Which bundle, engine, graphs, device, precision, prompts, software and command made a run's
     masks, for ``run.json`` and the report; the settings that ``--resume`` compares are a part."""
@@ -63,6 +76,7 @@ def provenance(bundle: Bundle, settings: dict, graphs: Path | None, device: str)
         "graphs_manifest_sha256": settings["graphs_manifest_sha256"],
         "device": str(device),
         "precision": settings["precision"],
+        "graph_precisions": graph_precisions(graphs),
         "prompt": {"text": bundle.prompt.text,
                    **{k: settings[k] for k in ("prompts", *PromptSettings.__dataclass_fields__) if k in settings}},
         "cp_deploy_version": __version__,

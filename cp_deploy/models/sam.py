@@ -68,6 +68,7 @@ def build_sam(arch: str) -> Sam:
         )
         encoder.img_size = 256
         _batch_agnostic_patch_merging(encoder)
+        _split_qkv_attention(encoder)
         prompt_encoder, mask_decoder = _heads(256, 256, 64, 2048, 8)
     elif arch in _VIT:
         c = _VIT[arch]
@@ -102,6 +103,37 @@ def _batch_agnostic_patch_merging(encoder: nn.Module) -> None:
 
     for m in encoder.modules():
         if type(m).__name__ == "PatchMerging":
+            m.forward = types.MethodType(forward, m)
+
+
+def _split_qkv_attention(encoder: nn.Module) -> None:
+    """TinyViT's attention splits one ``qkv`` projection into per-head q, k and v, then permutes
+    them: exported, a VariadicSplit and three transposes per block. Three projections on the
+    matching rows of the same weights give q, v and an already transposed k with the same
+    arithmetic (equal to the original in fp32 on LiteMedSAM) and export as plain matrix products:
+    OpenVINO's bf16 encoder runs 6% faster. The weights and their names are untouched, so loading
+    stays strict; in a graph the row slices are constants."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h, kd, d = self.num_heads, self.key_dim, self.d
+        x = self.norm(x)
+        w = self.qkv.weight.view(h, 2 * kd + d, -1)
+        bias = self.qkv.bias.view(h, 2 * kd + d)
+
+        def project(lo: int, hi: int) -> torch.Tensor:
+            rows = hi - lo
+            return F.linear(x, w[:, lo:hi].reshape(h * rows, -1), bias[:, lo:hi].reshape(-1)).view(b, n, h, rows)
+
+        q = project(0, kd).permute(0, 2, 1, 3)
+        k_t = project(kd, 2 * kd).permute(0, 2, 3, 1)
+        v = project(2 * kd, 2 * kd + d).permute(0, 2, 1, 3)
+        bias_ab = self.attention_biases[:, self.attention_bias_idxs] if self.training else self.ab
+        attn = ((q @ k_t) * self.scale + bias_ab).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.dh))
+
+    for m in encoder.modules():
+        if type(m).__name__ == "Attention":
             m.forward = types.MethodType(forward, m)
 
 

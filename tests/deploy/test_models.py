@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -131,3 +132,24 @@ def test_every_sam_arch_a_bundle_may_name_is_built():
     from cp_deploy.models import sam
 
     assert set(SAM_ARCHS) == {*sam._VIT, "lite_medsam"}
+
+
+def test_split_qkv_attention_equals_tinyvits_own():
+    """LiteMedSAM's encoder with its q, k and v projected apart (models/sam.py) gives the same
+    embeddings as TinyViT's own attention on the same shipped weights, and keeps the state dict."""
+    import types
+
+    from cp_deploy.models.sam import lite_medsam_checkpoint, load_sam
+
+    ours = load_sam("lite_medsam", None).image_encoder.eval()
+    assert lite_medsam_checkpoint()
+    theirs = copy.deepcopy(ours)
+    for m in theirs.modules():
+        if type(m).__name__ == "Attention":
+            m.forward = types.MethodType(type(m).forward, m)  # the class's own, unpatched
+    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    assert a.shape == (2, 256, 64, 64)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()

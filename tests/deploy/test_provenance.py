@@ -45,6 +45,7 @@ def test_run_json_records_provenance_beside_the_compared_settings(run, tiny_bund
     assert prov["bundle_name"] == tiny_bundle.name and prov["bundle"] == str(tiny_bundle.root.resolve())
     assert prov["bundle_sha256"] == info["settings"]["bundle_sha256"] and len(prov["bundle_sha256"]) == 64
     assert (prov["engine"], prov["device"], prov["precision"], prov["graphs"]) == ("torch", "cpu", "fp32", None)
+    assert prov["graph_precisions"] is None
     assert prov["prompt"]["prompts"] == "box" and prov["prompt"]["score_threshold"] == 0.05
     assert prov["cp_deploy_version"] == cp_deploy.__version__ and prov["torch_version"] == torch.__version__
     assert isinstance(prov["command"], list) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}",

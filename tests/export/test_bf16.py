@@ -10,6 +10,7 @@ import pytest
 
 from cp_deploy.engines.torch import TorchEngine
 from cp_deploy.errors import EngineError
+from cp_deploy.executors import graph_precisions
 from cp_deploy.metrics import dice
 from cp_deploy.models.weights import sha256_file
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
@@ -155,3 +156,10 @@ def test_compiled_graphs_are_cached_by_their_sha256(tiny_bundle, fp32_folder, tm
     assert again.models["box"].get_property("LOADED_FROM_CACHE") is True
     assert OpenVINOEngine(tiny_bundle, onnx_dir=fp32_folder, cache=None).models["box"].get_property(
         "LOADED_FROM_CACHE") is False
+
+
+def test_provenance_names_each_graphs_precision(fp32_folder, tmp_path):
+    d = _mark_bf16(fp32_folder, tmp_path / "g", ("encoder", "box"))
+    assert graph_precisions(d) == {"encoder": "bf16", "detector": "fp32", "keypoints": "fp32", "box": "bf16",
+                                   "refine": "fp32"}
+    assert graph_precisions(None) is None and graph_precisions(tmp_path / "missing") is None
