@@ -12,6 +12,7 @@ each compiled graph really runs in.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from cp_deploy.errors import EngineError, MissingExtraError
 # Compiled graphs, one folder per graph file's sha256 (the manifest's, checked against the file
 # before compiling), so a re-exported graph never meets another's compiled blob.
 COMPILE_CACHE = DEFAULT_CACHE_DIR / "openvino"
+_FIRST_CALL = threading.Lock()
+_bindings_ready = False
 CPU_ONLY = ("--engine openvino runs on the CPU only; pass --device cpu, or use --engine onnxruntime or trt "
             "for CUDA")
 
@@ -100,5 +103,18 @@ class OpenVINOEngine(GraphEngine):
 
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Run one graph; outputs in the manifest's order, as CPU tensors the engine no longer holds."""
+        global _bindings_ready
+        if not _bindings_ready:
+            # The bindings set up their numpy bridge on first use; two model workers doing so at
+            # once deadlock (one holds the GIL and waits on a C++ static guard, the other holds
+            # the guard and waits on the GIL: seen in a cp-bench --end-to-end run). The first
+            # call in the process runs alone.
+            with _FIRST_CALL:
+                out = self._run(graph, feeds)
+                _bindings_ready = True
+            return out
+        return self._run(graph, feeds)
+
+    def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         result = self.requests[graph].infer(self.numpy_feeds(graph, feeds))
         return [torch.from_numpy(result[port].copy()) for port in self.outputs[graph]]
