@@ -13,8 +13,6 @@ Such a folder runs on ``--engine openvino`` only.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +21,7 @@ from cp_deploy.bundle import Bundle
 from cp_deploy.engines.manifest import GRAPHS, MANIFEST_FILE
 from cp_deploy.engines.openvino import OpenVINOEngine, cpu_has_bf16
 from cp_deploy.errors import EngineError
-from export.gate import Gate, GateImages, Verdict, select_graphs
+from export.gate import Gate, GateImages, Verdict, link_or_copy, select_graphs
 from export.onnx import write_manifest
 
 METHOD = "OpenVINO CPU plugin, INFERENCE_PRECISION_HINT bf16 on the fp32 ONNX graph"
@@ -37,10 +35,7 @@ def _stage_all_bf16(folder: Path, stage: Path, manifest: dict) -> None:
     for entry in manifest["graphs"].values():
         for f in (entry["file"], entry.get("external_data")):
             if f:
-                try:
-                    os.link(folder / f, stage / f)
-                except OSError:  # another file system or no hard links there
-                    shutil.copyfile(folder / f, stage / f)
+                link_or_copy(folder / f, stage / f)
     graphs = {g: {**e, "precision": "bf16"} for g, e in manifest["graphs"].items()}
     write_manifest(stage, {**manifest, "graphs": graphs})
 

@@ -10,9 +10,12 @@ mixed set passes.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,6 +103,14 @@ class MixedEngine(GraphEngine):
         if key not in self.memo:
             self.memo[key] = self.base.run(graph, feeds)
         return [y.clone() for y in self.memo[key]]  # the pipeline's own tensors, never the cache's
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (a graph staged beside its folder costs no space), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system or no hard links there
+        shutil.copyfile(src, dst)
 
 
 def pipeline_masks(bundle: Bundle, engine: GraphEngine, images: list[np.ndarray],

@@ -37,7 +37,7 @@ from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
 from cp_deploy.errors import InputError, MissingExtraError
 from cp_deploy.files import atomic_write_bytes, discover_images, read_image
 from cp_deploy.models.weights import sha256_file
-from export.gate import Gate, GateImages, MixedEngine, Verdict, pipeline_masks, select_graphs
+from export.gate import Gate, GateImages, MixedEngine, Verdict, link_or_copy, pipeline_masks, select_graphs
 from export.onnx import write_manifest
 
 INT8_SUFFIX = ".int8.onnx"
@@ -148,13 +148,6 @@ def quantize_graph(src: Path, dst: Path, feeds: list[Path]) -> Path | None:
     return dst.with_name(data.name) if external else None
 
 
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system or no hard links there
-        shutil.copyfile(src, dst)
-
-
 def quantize_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray], images: GateImages,
                     gate: Gate | None = None, info: dict | None = None,
                     log: Callable[[str], None] | None = None) -> dict[str, Verdict]:
@@ -185,7 +178,7 @@ def quantize_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray],
                                          "on the calibration images (no instances found?), so nothing calibrates it")
                 for f in (entry["file"], entry.get("external_data")):
                     if f:
-                        _link(folder / f, stage / f)
+                        link_or_copy(folder / f, stage / f)
                 staged["graphs"][name] = entry
                 continue
             t0 = time.perf_counter()
