@@ -61,8 +61,8 @@ def _mark_bf16(src: Path, dst: Path, graphs: tuple[str, ...]) -> Path:
     """A copy of an fp32 folder whose manifest says ``graphs`` run in bf16 (as a bf16 export writes)."""
     shutil.copytree(src, dst)
     m = _manifest(dst)
-    for g in graphs:
-        m["graphs"][g]["precision"] = "bf16"
+    for g in GRAPHS:
+        m["graphs"][g]["precision"] = "bf16" if g in graphs else "fp32"
     m["precision"] = "bf16"
     write_manifest(dst, m)
     return dst
