@@ -233,13 +233,13 @@ def run_reference_files(bundle: Bundle, files: list[Path], out: Path, device: st
     return {"images": len(files), "seconds": round(wall, 3), "images_per_s": round(len(files) / wall, 3)}
 
 
-def measure_end_to_end(cfg: SpeedConfig) -> dict:
+def measure_end_to_end(cfg: SpeedConfig, bundle: Bundle) -> dict:
     """Ours (and with ``cfg.reference`` the reference) from files to written masks, in this process."""
     with tempfile.TemporaryDirectory(prefix="cp-bench-") as tmp:
         files = input_files(cfg.image_dir, cfg.images, Path(tmp) / "in")
         result = {"ours": run_ours_files(cfg, files, Path(tmp) / "ours")}
         if cfg.reference:
-            result["reference"] = run_reference_files(load_bundle(cfg.bundle), files, Path(tmp) / "ref", cfg.device)
+            result["reference"] = run_reference_files(bundle, files, Path(tmp) / "ref", cfg.device)
             result["speedup"] = round(result["ours"]["images_per_s"] / result["reference"]["images_per_s"], 2)
     return result
 
@@ -267,7 +267,7 @@ def measure_speed(cfg: SpeedConfig, engine: Engine | None = None) -> dict:
         bundle = load_bundle(cfg.bundle)
         return {"device": device_name(cfg), "engine": cfg.engine, "precision": cfg.precision,
                 "bundle": str(bundle.root), "sam": bundle.sam_arch, "batch_size": cfg.batch_size, "images": cfg.images,
-                "image_dir": cfg.image_dir, "end_to_end": measure_end_to_end(cfg)}
+                "image_dir": cfg.image_dir, "end_to_end": measure_end_to_end(cfg, bundle)}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bundle = load_bundle(cfg.bundle)
