@@ -300,7 +300,11 @@ def run_folder(
         try:
             if isinstance(pipeline, PipelineFactory):
                 factory = replace(pipeline, threads=arrangement.threads)
-                pipelines = [factory(bundle) for _ in range(arrangement.workers)]
+                if factory.threads:  # here: OpenMP keeps a thread count per calling thread
+                    torch.set_num_threads(factory.threads)
+                # Replicas load side by side: compiling and reading weights release the GIL.
+                with ThreadPoolExecutor(max_workers=arrangement.workers, thread_name_prefix="cp-load") as pool:
+                    pipelines = list(pool.map(lambda _: factory(bundle), range(arrangement.workers)))
             else:
                 pipelines = [pipeline]
             try:

@@ -134,9 +134,10 @@ def test_every_sam_arch_a_bundle_may_name_is_built():
     assert set(SAM_ARCHS) == {*sam._VIT, "lite_medsam"}
 
 
-def test_split_qkv_attention_equals_tinyvits_own():
-    """LiteMedSAM's encoder with its q, k and v projected apart (models/sam.py) gives the same
-    embeddings as TinyViT's own attention on the same shipped weights, and keeps the state dict."""
+def test_encoder_rewrites_equal_tinyvits_own():
+    """LiteMedSAM's encoder as models/sam.py rewrites it for export (q, k and v projected apart,
+    4-D layout permutes in the blocks and patch merging) gives the same embeddings as TinyViT's
+    own modules on the same shipped weights, and keeps the state dict."""
     import types
 
     from cp_deploy.models.sam import lite_medsam_checkpoint, load_sam
@@ -144,9 +145,12 @@ def test_split_qkv_attention_equals_tinyvits_own():
     ours = load_sam("lite_medsam", None).image_encoder.eval()
     assert lite_medsam_checkpoint()
     theirs = copy.deepcopy(ours)
+    restored = set()
     for m in theirs.modules():
-        if type(m).__name__ == "Attention":
+        if type(m).__name__ in ("Attention", "TinyViTBlock", "PatchMerging"):
             m.forward = types.MethodType(type(m).forward, m)  # the class's own, unpatched
+            restored.add(type(m).__name__)
+    assert restored == {"Attention", "TinyViTBlock", "PatchMerging"}
     x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = ours(x), theirs(x)

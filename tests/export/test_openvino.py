@@ -128,3 +128,18 @@ def test_missing_extra_names_it(tiny_bundle, exported, tmp_path, monkeypatch, ca
                         str(tiny_bundle.root), "--engine", "openvino", "--graphs", str(exported), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "curriculum-prompting[openvino]" in err[0]
+
+
+def test_one_compiled_model_per_shape_then_the_dynamic_one(tiny_bundle, exported, monkeypatch):
+    """Each new input shape of a graph gets its own static compile, up to SHAPES_PER_GRAPH; past
+    that, calls run on the dynamic model. Both give ONNX Runtime's outputs."""
+    _needs_openvino()
+    from cp_deploy.engines import openvino
+
+    monkeypatch.setattr(openvino, "SHAPES_PER_GRAPH", 2)
+    ov, ort = OpenVINOEngine(tiny_bundle, onnx_dir=exported), OnnxRuntimeEngine(tiny_bundle, onnx_dir=exported)
+    size = ov.manifest["graphs"]["encoder"]["inputs"][0].shape[-1]
+    for batch in (1, 2, 1, 3):
+        images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+        _assert_rel_close(ov.encode(images), ort.encode(images))
+    assert sorted(shapes[0][0] for g, shapes in ov._static if g == "encoder") == [1, 2]
