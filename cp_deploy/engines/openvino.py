@@ -102,7 +102,6 @@ class OpenVINOEngine(GraphEngine):
             self.models[name] = model
             self.requests[name] = model.create_infer_request()
             self.outputs[name] = [t.name for t in self.manifest["graphs"][name]["outputs"]]
-        self._hint = hint
 
     def _compile(self, name: str, model, hint: str):
         try:
@@ -120,8 +119,15 @@ class OpenVINOEngine(GraphEngine):
         if sum(g == graph for g, _ in self._static) >= SHAPES_PER_GRAPH or 0 in sum(key[1], ()):
             return self.requests[graph]
         shapes = {name: list(a.shape) for name, a in feeds.items()}
-        request = self._static[key] = self._compile(graph, self._static_model(graph, shapes), self._hint
-                                                    ).create_infer_request()
+        try:
+            compiled = self._core.compile_model(self._static_model(graph, shapes), "CPU", self._options[graph])
+        except RuntimeError:
+            # The plugin's int8 passes can fail on a shape the dynamic model runs (seen: a QDQ
+            # box decoder with 7 tokens); this shape then stays on the dynamic model.
+            request = self.requests[graph]
+        else:
+            request = compiled.create_infer_request()
+        self._static[key] = request
         return request
 
     def _static_model(self, graph: str, shapes: dict[str, list[int]]):
