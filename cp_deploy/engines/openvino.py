@@ -110,7 +110,7 @@ class OpenVINOEngine(GraphEngine):
             raise EngineError(f"{self._paths[name]}: cannot compile the ONNX graph with OpenVINO "
                               f"({(str(e).strip().splitlines() or [type(e).__name__])[0]}); {hint}") from e
 
-    def _request(self, graph: str, feeds: dict):
+    def request_for(self, graph: str, feeds: dict):
         """The infer request compiled for these inputs' shapes (see the module's docstring)."""
         key = (graph, tuple(a.shape for a in feeds.values()))
         request = self._static.get(key)
@@ -186,6 +186,6 @@ class OpenVINOEngine(GraphEngine):
 
     def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         arrays = self.numpy_feeds(graph, feeds)
-        request = self._request(graph, arrays)
+        request = self.request_for(graph, arrays)
         request.infer(arrays)
         return [torch.from_numpy(request.get_tensor(name).data.copy()) for name in self.outputs[graph]]

@@ -143,3 +143,19 @@ def test_one_compiled_model_per_shape_then_the_dynamic_one(tiny_bundle, exported
         images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
         _assert_rel_close(ov.encode(images), ort.encode(images))
     assert sorted(shapes[0][0] for g, shapes in ov._static if g == "encoder") == [1, 2]
+
+
+def test_shapes_tool_times_both_requests_on_recorded_feeds(tiny_bundle, exported, tmp_path):
+    """tools.openvino_shapes records a real pipeline call's feeds and times the dynamic and the
+    static request of each graph it called; the engine's run is its own again afterwards."""
+    _needs_openvino()
+    from tools.openvino_shapes import main as shapes_main
+
+    image = make_images(tmp_path / "in", 1)[0]
+    out = tmp_path / "shapes.json"
+    result = shapes_main(["--graphs", str(exported), "--bundle", str(tiny_bundle.root), "--image", str(image),
+                          "--rounds", "1", "--json", str(out)])
+    assert {"encoder", "detector"} <= set(result) and json.loads(out.read_text()) == result
+    for row in result.values():
+        assert row["dynamic"] > 0 and row["static"] > 0 and all(0 not in s for s in row["shapes"].values())
+    assert result["encoder"]["shapes"]["images"][0] == 1
