@@ -40,7 +40,7 @@ from cp_deploy.bundle import Bundle, load_bundle
 from cp_deploy.engines import create_engine
 from cp_deploy.engines.base import Engine
 from cp_deploy.engines.torch import TorchEngine
-from cp_deploy.executors import PipelineFactory
+from cp_deploy.executors import GRAPH_FOLDERS, PipelineFactory, graph_precisions
 from cp_deploy.executors.local import run_folder
 from cp_deploy.files import discover_images, read_image, write_mask
 from cp_deploy.models.build import Models
@@ -253,6 +253,15 @@ def make_engine(cfg: SpeedConfig, bundle: Bundle) -> Engine:
                          precision=cfg.precision, compile=cfg.compile)
 
 
+def graphs_run(cfg: SpeedConfig, bundle: Bundle) -> dict:
+    """The graph folder a graph engine runs and each graph's precision from its manifest (both
+    ``None`` for torch, whose precision is ``cfg.precision``)."""
+    if cfg.engine not in GRAPH_FOLDERS:
+        return {"graphs": None, "graph_precisions": None}
+    folder = Path(cfg.graphs) if cfg.graphs else bundle.root / GRAPH_FOLDERS[cfg.engine]
+    return {"graphs": str(folder), "graph_precisions": graph_precisions(folder)}
+
+
 def device_name(cfg: SpeedConfig) -> str:
     if cfg.device.startswith("cuda"):
         return torch.cuda.get_device_name()
@@ -266,8 +275,9 @@ def measure_speed(cfg: SpeedConfig, engine: Engine | None = None) -> dict:
     if cfg.end_to_end:
         bundle = load_bundle(cfg.bundle)
         return {"device": device_name(cfg), "engine": cfg.engine, "precision": cfg.precision,
-                "bundle": str(bundle.root), "sam": bundle.sam_arch, "batch_size": cfg.batch_size, "images": cfg.images,
-                "image_dir": cfg.image_dir, "end_to_end": measure_end_to_end(cfg, bundle)}
+                **graphs_run(cfg, bundle), "bundle": str(bundle.root), "sam": bundle.sam_arch,
+                "batch_size": cfg.batch_size, "images": cfg.images, "image_dir": cfg.image_dir,
+                "end_to_end": measure_end_to_end(cfg, bundle)}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bundle = load_bundle(cfg.bundle)
@@ -276,7 +286,8 @@ def measure_speed(cfg: SpeedConfig, engine: Engine | None = None) -> dict:
     images = load_images(cfg.image_dir, cfg.images)
     result = {
         "device": device_name(cfg),
-        "engine": cfg.engine, "precision": cfg.precision, "compile": cfg.compile, "bundle": str(bundle.root),
+        "engine": cfg.engine, "precision": cfg.precision, "compile": cfg.compile, **graphs_run(cfg, bundle),
+        "bundle": str(bundle.root),
         "sam": bundle.sam_arch, "batch_size": cfg.batch_size,
         "images": len(images), "image_dir": cfg.image_dir or "synthetic",
     }

@@ -63,6 +63,7 @@ def test_speed_times_the_instances_cp_deploy_finds(tiny_bundle, dataset, batch_r
     assert r["images"] == 4 and r["ours"]["instances_per_image"] == pytest.approx(sum(found) / 4, abs=0.01)
     assert set(r["ours"]["stage_ms_per_image"]) >= {"encode", "detect", "box", "keypoints", "refine"}
     assert r["speedup"] == pytest.approx(r["ours"]["images_per_s"] / r["reference"]["images_per_s"], abs=0.01)
+    assert r["graphs"] is None and r["graph_precisions"] is None  # torch: its precision is "precision"
 
 
 def test_speed_end_to_end_runs_the_executor_and_the_reference_on_the_same_files(tiny_bundle, dataset, tmp_path):

@@ -159,3 +159,19 @@ def test_shapes_tool_times_both_requests_on_recorded_feeds(tiny_bundle, exported
     for row in result.values():
         assert row["dynamic"] > 0 and row["static"] > 0 and all(0 not in s for s in row["shapes"].values())
     assert result["encoder"]["shapes"]["images"][0] == 1
+
+
+def test_speed_json_names_the_graphs_and_their_precisions(tiny_bundle, exported, tmp_path):
+    """cp-bench speed on a graph engine records the folder it ran and each graph's precision."""
+    _needs_openvino()
+    from cp_bench.cli import main as bench_main
+
+    make_images(tmp_path / "in", 2)
+    for flags in ([], ["--end-to-end"]):
+        out = tmp_path / "speed.json"
+        assert bench_main(["speed", "--bundle", str(tiny_bundle.root), "--engine", "openvino", "--graphs",
+                           str(exported), "--image-dir", str(tmp_path / "in"), "--images", "2", *flags,
+                           "--json", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert r["graphs"] == str(exported) and r["graph_precisions"] == dict.fromkeys(
+            ["encoder", "detector", "keypoints", "box", "refine"], "fp32")
