@@ -88,6 +88,16 @@ def test_onnxruntime_pipeline_equals_torch(tiny_bundle, exported, prompts):
         assert (g.mask == r.mask).mean() > 0.999
 
 
+def test_onnxruntime_threads_do_not_spin(tiny_bundle, exported):
+    """Every session turns off the intra-op threads' spinning (engines/onnxruntime.py has the
+    measurement), with or without --threads."""
+    for threads in (0, 2):
+        engine = OnnxRuntimeEngine(tiny_bundle, onnx_dir=exported, threads=threads)
+        for session in engine.sessions.values():
+            opts = session.get_session_options()
+            assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_parity_check_fails_on_a_wrong_engine(tiny_bundle, exported):
     """The check is not vacuous: an engine whose refine logits are off by 0.5 fails it."""
 
