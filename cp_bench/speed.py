@@ -40,7 +40,7 @@ from cp_deploy.bundle import Bundle, load_bundle
 from cp_deploy.engines import create_engine
 from cp_deploy.engines.base import Engine
 from cp_deploy.engines.torch import TorchEngine
-from cp_deploy.executors import GRAPH_FOLDERS, PipelineFactory, graph_precisions
+from cp_deploy.executors import PipelineFactory, graph_folder, graph_precisions
 from cp_deploy.executors.local import run_folder
 from cp_deploy.files import discover_images, read_image, write_mask
 from cp_deploy.models.build import Models
@@ -201,6 +201,10 @@ def input_files(image_dir: str, n: int, folder: Path) -> list[Path]:
     return files
 
 
+def _files_rate(n: int, wall: float) -> dict:
+    return {"images": n, "seconds": round(wall, 3), "images_per_s": round(n / wall, 3)}
+
+
 def run_ours_files(cfg: SpeedConfig, files: list[Path], out: Path) -> dict:
     """``cp-deploy batch``'s local executor from the files to written masks, as the CLI sets it up
     (two decoding threads, ``cfg.model_workers``); wall time includes loading the models."""
@@ -213,8 +217,7 @@ def run_ours_files(cfg: SpeedConfig, files: list[Path], out: Path) -> dict:
     if summary.failed or summary.ok != len(files):
         raise RuntimeError(f"end to end: {summary.line()}")
     arrangement = json.loads((out / "run.json").read_text())["provenance"]["arrangement"]
-    return {"images": len(files), "seconds": round(wall, 3), "images_per_s": round(len(files) / wall, 3),
-            "arrangement": arrangement}
+    return {**_files_rate(len(files), wall), "arrangement": arrangement}
 
 
 def run_reference_files(bundle: Bundle, files: list[Path], out: Path, device: str) -> dict:
@@ -229,8 +232,7 @@ def run_reference_files(bundle: Bundle, files: list[Path], out: Path, device: st
         for f in files:
             mask = reference_curriculum(pipe, p_box, p_ref, to_rgb_uint8(read_image(f)))
             write_mask(out / f"{f.stem}.png", mask)
-    wall = time.perf_counter() - t0
-    return {"images": len(files), "seconds": round(wall, 3), "images_per_s": round(len(files) / wall, 3)}
+    return _files_rate(len(files), time.perf_counter() - t0)
 
 
 def measure_end_to_end(cfg: SpeedConfig, bundle: Bundle) -> dict:
@@ -256,10 +258,8 @@ def make_engine(cfg: SpeedConfig, bundle: Bundle) -> Engine:
 def graphs_run(cfg: SpeedConfig, bundle: Bundle) -> dict:
     """The graph folder a graph engine runs and each graph's precision from its manifest (both
     ``None`` for torch, whose precision is ``cfg.precision``)."""
-    if cfg.engine not in GRAPH_FOLDERS:
-        return {"graphs": None, "graph_precisions": None}
-    folder = Path(cfg.graphs) if cfg.graphs else bundle.root / GRAPH_FOLDERS[cfg.engine]
-    return {"graphs": str(folder), "graph_precisions": graph_precisions(folder)}
+    folder = graph_folder(cfg.engine, cfg.graphs, bundle)
+    return {"graphs": str(folder) if folder else None, "graph_precisions": graph_precisions(folder)}
 
 
 def device_name(cfg: SpeedConfig) -> str:

@@ -81,10 +81,9 @@ class OpenVINOEngine(GraphEngine):
             # Pinning puts every compiled model's threads on the first cores: two one-thread model
             # workers then share one core (measured: 0.82 against 1.72 encoder passes/s on 2 cores).
             config.update(INFERENCE_NUM_THREADS=threads, ENABLE_CPU_PINNING=False)
-        self._core, self._paths, self._options = core, paths, {}
+        self._ov, self._core, self._paths, self._options = ov, core, paths, {}
         self.models, self.requests, self.outputs = {}, {}, {}
         self._sources: dict[str, object] = {}  # ov.Model of each graph, read on its first static compile
-        self._blobs: dict[str, Path | None] = {}
         self._static: dict[tuple, object] = {}  # (graph, input shapes) -> infer request
         for name in GRAPHS:
             # The hint is always set: on CPUs with AVX512-BF16 or AMX the plugin otherwise picks bf16
@@ -95,20 +94,15 @@ class OpenVINOEngine(GraphEngine):
             if blobs is not None and _writable(blobs):
                 # The default bundle's five graphs load from it in 0.55 s, against 3.4 s compiling.
                 options["CACHE_DIR"] = str(blobs)
-            else:
-                blobs = None
-            self._options[name], self._blobs[name] = options, blobs
-            model = self._compile(name, str(paths[name]), hint)
+            self._options[name] = options
+            try:
+                model = core.compile_model(str(paths[name]), "CPU", options)
+            except Exception as e:  # OpenVINO raises RuntimeError (or its own types) for graphs it cannot read
+                raise EngineError(f"{paths[name]}: cannot compile the ONNX graph with OpenVINO "
+                                  f"({(str(e).strip().splitlines() or [type(e).__name__])[0]}); {hint}") from e
             self.models[name] = model
             self.requests[name] = model.create_infer_request()
-            self.outputs[name] = [t.name for t in self.manifest["graphs"][name]["outputs"]]
-
-    def _compile(self, name: str, model, hint: str):
-        try:
-            return self._core.compile_model(model, "CPU", self._options[name])
-        except Exception as e:  # OpenVINO raises RuntimeError (or its own types) for graphs it cannot read
-            raise EngineError(f"{self._paths[name]}: cannot compile the ONNX graph with OpenVINO "
-                              f"({(str(e).strip().splitlines() or [type(e).__name__])[0]}); {hint}") from e
+            self.outputs[name] = [t.name for t in spec["outputs"]]
 
     def request_for(self, graph: str, feeds: dict):
         """The infer request compiled for these inputs' shapes (see the module's docstring)."""
@@ -116,7 +110,8 @@ class OpenVINOEngine(GraphEngine):
         request = self._static.get(key)
         if request is not None:
             return request
-        if sum(g == graph for g, _ in self._static) >= SHAPES_PER_GRAPH or 0 in sum(key[1], ()):
+        empty = any(0 in shape for shape in key[1])  # no static compile of a zero-size input
+        if empty or sum(g == graph for g, _ in self._static) >= SHAPES_PER_GRAPH:
             return self.requests[graph]
         shapes = {name: list(a.shape) for name, a in feeds.items()}
         try:
@@ -134,11 +129,11 @@ class OpenVINOEngine(GraphEngine):
         """``graph`` with these input shapes: an IR file in the compile cache (written on first
         use, the ``.bin`` before the ``.xml`` it belongs to, so a reader finding the ``.xml``
         finds both), or an in-memory model without a cache."""
-        folder = self._blobs[graph]
+        folder = self._options[graph].get("CACHE_DIR")
         xml = None
         if folder is not None:
             tag = hashlib.sha256(repr(sorted(shapes.items())).encode()).hexdigest()[:16]
-            xml = folder / f"static-{tag}.xml"
+            xml = Path(folder) / f"static-{tag}.xml"
             if xml.is_file():
                 return str(xml)
         if graph not in self._sources:
@@ -149,7 +144,7 @@ class OpenVINOEngine(GraphEngine):
             return model
         tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.{threading.get_ident()}.xml")
         try:
-            import_openvino().save_model(model, str(tmp), compress_to_fp16=False)
+            self._ov.save_model(model, str(tmp), compress_to_fp16=False)
             os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
             os.replace(tmp, xml)
         except (OSError, RuntimeError):  # a full or read-only cache: this process compiles it from memory

@@ -52,6 +52,14 @@ def run_settings(bundle: Bundle, engine: str, graphs: Path | None, precision: st
     return settings
 
 
+def graph_folder(engine: str, graphs: str | Path | None, bundle: Bundle) -> Path | None:
+    """The folder of exported graphs ``engine`` runs: ``graphs``, else its default inside the
+    bundle; ``None`` for the torch engine."""
+    if engine not in GRAPH_FOLDERS:
+        return None
+    return Path(graphs) if graphs else bundle.root / GRAPH_FOLDERS[engine]
+
+
 def graph_precisions(graphs: Path | None) -> dict[str, str] | None:
     """Each exported graph's precision as its manifest records it (fp32, fp16, int8 or bf16)."""
     manifest = Path(graphs) / MANIFEST_FILE if graphs is not None else None
@@ -130,9 +138,7 @@ class PipelineFactory:
     def settings(self, slice_axis: int | None = None, bundle: Bundle | None = None) -> RunSettings:
         """:func:`run_settings` of the pipeline this builds, without building it."""
         bundle = bundle or load_bundle(self.bundle)
-        graphs = None
-        if self.engine in GRAPH_FOLDERS:
-            graphs = Path(self.graphs) if self.graphs else bundle.root / GRAPH_FOLDERS[self.engine]
+        graphs = graph_folder(self.engine, self.graphs, bundle)
         return run_settings(bundle, self.engine, graphs, self.precision, self.options, slice_axis, self.device)
 
     def __call__(self, bundle: Bundle | None = None) -> CurriculumPipeline:

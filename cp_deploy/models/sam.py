@@ -90,6 +90,13 @@ def build_sam(arch: str) -> Sam:
     return sam.eval()
 
 
+def _replace_forward(encoder: nn.Module, class_name: str, forward) -> None:
+    """``forward`` as the method of every ``class_name`` module of ``encoder`` (weights untouched)."""
+    for m in encoder.modules():
+        if type(m).__name__ == class_name:
+            m.forward = types.MethodType(forward, m)
+
+
 def _batch_agnostic_patch_merging(encoder: nn.Module) -> None:
     """TinyViT's PatchMerging reads the batch size with ``len(x)``, which an ONNX trace freezes
     into a constant; the same arithmetic with ``x.shape[0]`` keeps the batch axis dynamic. Its
@@ -104,9 +111,7 @@ def _batch_agnostic_patch_merging(encoder: nn.Module) -> None:
         x = self.conv3(x)
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
-    for m in encoder.modules():
-        if type(m).__name__ == "PatchMerging":
-            m.forward = types.MethodType(forward, m)
+    _replace_forward(encoder, "PatchMerging", forward)
 
 
 def _four_dim_block_transposes(encoder: nn.Module) -> None:
@@ -142,9 +147,7 @@ def _four_dim_block_transposes(encoder: nn.Module) -> None:
         x = x.permute(0, 2, 3, 1).reshape(b, n, c)
         return x + self.drop_path(self.mlp(x))
 
-    for m in encoder.modules():
-        if type(m).__name__ == "TinyViTBlock":
-            m.forward = types.MethodType(forward, m)
+    _replace_forward(encoder, "TinyViTBlock", forward)
 
 
 def _split_qkv_attention(encoder: nn.Module) -> None:
@@ -173,9 +176,7 @@ def _split_qkv_attention(encoder: nn.Module) -> None:
         attn = ((q @ k_t) * self.scale + bias_ab).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.dh))
 
-    for m in encoder.modules():
-        if type(m).__name__ == "Attention":
-            m.forward = types.MethodType(forward, m)
+    _replace_forward(encoder, "Attention", forward)
 
 
 def default_preprocess(arch: str) -> PreprocessConfig:
