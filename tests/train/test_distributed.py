@@ -89,7 +89,9 @@ def test_cp_train_under_torchrun_then_resumed_by_one_process(dataset, tiny_bundl
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "cp_train.cli", *args, "--batch-size", "2", "--epochs", "2"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300,
+        # torchrun's agent leaves a torchelastic_* folder in TMPDIR: keep it in the test's own folder.
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)},
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("[sam-box] epoch 2/2") == 1  # rank 0 alone prints
