@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[test,onnx,openvino,dicom,nifti,ray,gdino,metrics,coco,video]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx,openvino,nncf,dicom,nifti,ray,gdino,metrics,coco,video]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -12,6 +12,9 @@ import sys
 from cp_deploy import cli as common
 from cp_deploy.errors import run_command
 
+# cp_deploy.engines.manifest.GRAPHS, spelled here: that module imports torch (a test keeps them equal).
+GRAPH_NAMES = ("encoder", "detector", "keypoints", "box", "refine")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = common.new_parser("cp-export", "Export a bundle to ONNX or TensorRT engines; every export is checked "
@@ -45,9 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "--engine openvino only)")
     o.add_argument("--external-data", default="auto", choices=["auto", "yes", "no"],
                    help="weights in side files: auto = for graphs over 1 GiB (ViT-H's encoder)")
-    q = o.add_argument_group("int8 and bf16 (--precision int8|bf16; the --calib flags: int8 only)")
+    q = o.add_argument_group("int8 and bf16 (--precision int8|bf16; the --calib flags: int8 and --nncf-int8)")
+    q.add_argument("--nncf-int8", nargs="+", default=[], choices=GRAPH_NAMES, metavar="GRAPH",
+                   help="with --precision bf16: then quantise these graphs (of encoder, detector, keypoints, box, "
+                   "refine) to int8 with NNCF on OpenVINO, each kept where it passes the same gate, and the "
+                   "folder as a whole once more (needs the nncf extra and --calib-images)")
     q.add_argument("--calib-images", default=None, metavar="DIR",
-                   help="folder of TRAINING images to calibrate on (required for int8; never test images)")
+                   help="folder of TRAINING images to calibrate on (required for int8 and --nncf-int8; never "
+                   "test images)")
     q.add_argument("--calib-count", type=int, default=64, metavar="N",
                    help="calibrate on at most N of them, spread over the folder (default 64)")
     q.add_argument("--val-data", default=None, metavar="DIR",

@@ -21,6 +21,7 @@ from cp_train.data import load_samples, read_split
 from export.bf16 import NO_BF16, bf16_folder
 from export.gate import Gate, GateImages
 from export.int8 import calibration_images, quantization_tools, quantize_folder
+from export.nncf_int8 import import_nncf, nncf_folder
 from export.onnx import export_onnx, sample_inputs, write_manifest
 from export.parity import Tolerance, check_parity, synthetic_images
 from export.trt import build_trt
@@ -68,11 +69,15 @@ def _finish(out: Path, parity: dict) -> int:
 
 def _check_gate_flags(args: Flags) -> None:
     """The int8 and bf16 flags make sense together, before anything is loaded."""
-    if args.precision == "int8" and not args.calib_images:
-        raise UsageError("--precision int8 needs --calib-images DIR, a folder of training images to calibrate on "
-                         "(never test images)")
-    if args.precision != "int8" and args.calib_images:
-        raise UsageError("--calib-images is for --precision int8 only")
+    if args.nncf_int8 and args.precision != "bf16":
+        raise UsageError("--nncf-int8 is for --precision bf16: its int8 graphs run their float operations as "
+                         "the bf16 gate decided")
+    calibrates = args.precision == "int8" or bool(args.nncf_int8)
+    if calibrates and not args.calib_images:
+        raise UsageError(f"{'--nncf-int8' if args.nncf_int8 else '--precision int8'} needs --calib-images DIR, a "
+                         "folder of training images to calibrate on (never test images)")
+    if not calibrates and args.calib_images:
+        raise UsageError("--calib-images is for --precision int8 or --nncf-int8 only")
     given = [f for f in ("val_data", "val_split") if getattr(args, f)]
     if args.precision not in GATED and given:
         raise UsageError(f"--{given[0].replace('_', '-')} is for --precision int8 or bf16 only")
@@ -84,12 +89,14 @@ def _check_gate_flags(args: Flags) -> None:
         quantization_tools()
     if args.precision == "bf16" and not cpu_has_bf16():  # also names a missing openvino extra
         raise EngineError(NO_BF16)
+    if args.nncf_int8:
+        import_nncf()
 
 
 def _gate_inputs(args: Flags) -> tuple[list[np.ndarray], GateImages, dict]:
     """Calibration images (int8), the gate's images and what the manifest says of them: read
     before the export, so a bad folder fails at once."""
-    calib = calibration_images(args.calib_images, args.calib_count)[0] if args.precision == "int8" else []
+    calib = calibration_images(args.calib_images, args.calib_count)[0] if args.calib_images else []
     images, names, source = _images(args.images)
     gate_images = GateImages(names, images)
     info = {"gate_images": source, "validation": None}
@@ -117,11 +124,17 @@ def onnx(args: Flags) -> int:
     if gated:
         calib, gate_images, info = gated
         gate = Gate(args.int8_min_dice, args.int8_max_mdice_drop)
+        uncalibrated = {k: v for k, v in info.items() if k != "calibration"}  # bf16's own gate calibrates nothing
         verdicts = (quantize_folder(bundle, out, calib, gate_images, gate, info) if args.precision == "int8"
-                    else bf16_folder(bundle, out, gate_images, gate, info))
+                    else bf16_folder(bundle, out, gate_images, gate, uncalibrated))
         kept = [g for g, v in verdicts.items() if v.reason is None]
         others = "; fp32 for the others (manifest.json says why)" if len(kept) < len(verdicts) else ""
         print(f"cp-export: {args.precision} kept for {', '.join(kept) or 'no graph'}{others}")
+        if args.nncf_int8:
+            verdicts = nncf_folder(bundle, out, calib, args.nncf_int8, gate_images, gate, info)
+            kept = [g for g, v in verdicts.items() if v.reason is None]
+            print(f"cp-export: NNCF int8 kept for {', '.join(kept) or 'no graph'}"
+                  + ("; the others as above (manifest.json says why)" if len(kept) < len(verdicts) else ""))
     if args.no_parity:
         print("cp-export: parity check skipped (--no-parity); engines accept the graphs unchecked")
         return 0

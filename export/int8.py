@@ -97,12 +97,18 @@ def load_feeds(path: Path) -> Feeds:
         return {k: z[k] for k in z.files}
 
 
-def record_feeds(bundle: Bundle, engine: GraphEngine, images: list[np.ndarray], folder: Path) -> FeedStore:
-    """Each graph's feeds while the pipeline runs ``engine`` on ``images``, one image per call:
-    the calibrator then holds one image's activations at a time (a batch of 4 took 10 GB for the
-    default encoder)."""
+def record_feeds(bundle: Bundle, engine: GraphEngine, images: list[np.ndarray], folder: Path,
+                 graphs: list[str] | None = None) -> FeedStore:
+    """Each graph's feeds (of ``graphs``, default all) while the pipeline runs ``engine`` on
+    ``images``, one image per call: the calibrator then holds one image's activations at a time
+    (a batch of 4 took 10 GB for the default encoder)."""
     store = FeedStore(folder)
-    pipeline_masks(bundle, MixedEngine(engine, record=store.add), images, batch=1)
+
+    def record(graph: str, feeds: Feeds) -> None:
+        if graphs is None or graph in graphs:
+            store.add(graph, feeds)
+
+    pipeline_masks(bundle, MixedEngine(engine, record=record), images, batch=1)
     return store
 
 

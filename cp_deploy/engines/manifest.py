@@ -18,6 +18,8 @@ from cp_deploy.models.registry import detector_family
 from cp_deploy.models.weights import sha256_file
 
 MANIFEST_FILE = "manifest.json"
+# The manifest's "format" of a graph file that is OpenVINO IR (.xml, its .bin the external data), not ONNX.
+OPENVINO_IR = "openvino-ir"
 GRAPHS = ("encoder", "detector", "keypoints", "box", "refine")
 
 

@@ -13,7 +13,7 @@ import torch
 from cp_deploy.bundle import Bundle
 from cp_deploy.engines.graphs import DTYPES as _DTYPES
 from cp_deploy.engines.graphs import GraphEngine
-from cp_deploy.engines.manifest import GRAPHS, resolve_shape
+from cp_deploy.engines.manifest import GRAPHS, OPENVINO_IR, resolve_shape
 from cp_deploy.errors import EngineError
 
 
@@ -35,11 +35,12 @@ class OnnxRuntimeEngine(GraphEngine):
                  threads: int = 0) -> None:
         ort = import_onnxruntime()
         hint, paths = self.load_onnx_folder(bundle, onnx_dir)
-        bf16 = [g for g, spec in self.manifest["graphs"].items() if spec.get("precision") == "bf16"]
-        if bf16:
-            # Those graphs passed their gate in OpenVINO's bf16; run in fp32 here, the masks would
-            # not be the ones the manifest vouches for.
-            raise EngineError(f"{self.folder}: {', '.join(bf16)} were exported to run in bf16 on OpenVINO "
+        openvino_only = [g for g, spec in self.manifest["graphs"].items()
+                         if spec.get("precision") == "bf16" or spec.get("format") == OPENVINO_IR]
+        if openvino_only:
+            # Those graphs passed their gate in OpenVINO's bf16 (run in fp32 here, the masks would
+            # not be the ones the manifest vouches for) or are OpenVINO IR (NNCF's int8).
+            raise EngineError(f"{self.folder}: {', '.join(openvino_only)} were exported to run on OpenVINO "
                               f"(cp-export onnx --precision bf16); use --engine openvino, or {hint}")
         self.device = torch.device(device)
         if self.device.type == "cuda":

@@ -4,9 +4,10 @@ It reads the same folder and ``manifest.json`` as the ONNX Runtime engine, with 
 (source weights, parity, file hashes); dynamic axes compile as dynamic dimensions. CPU only.
 
 A graph the manifest marks ``bf16`` (``cp-export onnx --precision bf16``: fp32 files, gated in
-bf16 on OpenVINO) compiles with the bf16 inference hint; every other graph with f32. On a CPU
-without bf16 instructions the plugin runs it in f32; :attr:`OpenVINOEngine.precisions` reads what
-each compiled graph really runs in.
+bf16 on OpenVINO) compiles with the bf16 inference hint, and so does an int8 graph whose float
+operations were gated in bf16 (``float_precision``: NNCF's OpenVINO IR, :mod:`export.nncf_int8`);
+every other graph with f32. On a CPU without bf16 instructions the plugin runs it in f32;
+:attr:`OpenVINOEngine.precisions` reads what each compiled graph really runs in.
 
 Each graph is compiled once with its dynamic axes (the load checks it compiles, and it serves any
 shape), then once more for each input shape it meets, up to :data:`SHAPES_PER_GRAPH`: the CPU
@@ -89,7 +90,8 @@ class OpenVINOEngine(GraphEngine):
             # The hint is always set: on CPUs with AVX512-BF16 or AMX the plugin otherwise picks bf16
             # by itself, for graphs the gate never saw in bf16.
             spec = self.manifest["graphs"][name]
-            options = {**config, "INFERENCE_PRECISION_HINT": "bf16" if spec.get("precision") == "bf16" else "f32"}
+            bf16 = spec.get("precision") == "bf16" or spec.get("float_precision") == "bf16"
+            options = {**config, "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
             blobs = cache / spec["sha256"][:16] if cache is not None else None
             if blobs is not None and _writable(blobs):
                 # The default bundle's five graphs load from it in 0.55 s, against 3.4 s compiling.
@@ -98,7 +100,7 @@ class OpenVINOEngine(GraphEngine):
             try:
                 model = core.compile_model(str(paths[name]), "CPU", options)
             except Exception as e:  # OpenVINO raises RuntimeError (or its own types) for graphs it cannot read
-                raise EngineError(f"{paths[name]}: cannot compile the ONNX graph with OpenVINO "
+                raise EngineError(f"{paths[name]}: cannot compile the graph with OpenVINO "
                                   f"({(str(e).strip().splitlines() or [type(e).__name__])[0]}); {hint}") from e
             self.models[name] = model
             self.requests[name] = model.create_infer_request()
