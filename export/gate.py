@@ -142,19 +142,20 @@ def judge(ref: list[np.ndarray], got: list[np.ndarray], images: GateImages, gate
     return v
 
 
-def verdict_line(v: Verdict) -> str:
+def verdict_line(v: Verdict, fallback: str = "fp32") -> str:
     val = "" if v.val_mdice is None else (f", validation mDice {v.val_mdice:.4f} (fp32 {v.val_mdice_fp32:.4f}; "
                                           f"least Dice to fp32 {v.val_dice_min:.4f})")
     return (f"min Dice {v.dice_min:.4f} ({v.worst_image}), mean {v.dice_mean:.4f}{val}: "
-            + ("kept" if v.reason is None else f"stays fp32, {v.reason}"))
+            + ("kept" if v.reason is None else f"stays {fallback}, {v.reason}"))
 
 
 def select_graphs(bundle: Bundle, ref: GraphEngine, cand: GraphEngine, names: list[str], images: GateImages,
-                  gate: Gate, label: str, log: Callable[[str], None]) -> tuple[dict[str, Verdict], list[str],
-                                                                               Verdict | None]:
+                  gate: Gate, label: str, log: Callable[[str], None],
+                  fallback: str = "fp32") -> tuple[dict[str, Verdict], list[str], Verdict | None]:
     """Gate each graph of ``names`` running on ``cand`` instead of ``ref``, then the ones that held
     together; returns every verdict, the graphs kept, and the mixed set's verdict (``None`` with
-    fewer than two kept). ``label`` names the precision in the log lines."""
+    fewer than two kept). ``label`` names the precision in the log lines, ``fallback`` what a
+    refused graph stays in."""
     memo: dict = {}
     base = MixedEngine(ref, memo=memo)
     ref_masks, ref_val = pipeline_masks(bundle, base, images.images), pipeline_masks(bundle, base, images.val_images)
@@ -168,12 +169,12 @@ def select_graphs(bundle: Bundle, ref: GraphEngine, cand: GraphEngine, names: li
     for name in names:
         t0 = time.perf_counter()
         verdicts[name] = try_swap((name,))
-        log(f"cp-export: {label} {name}: {verdict_line(verdicts[name])} ({time.perf_counter() - t0:.0f} s)")
+        log(f"cp-export: {label} {name}: {verdict_line(verdicts[name], fallback)} ({time.perf_counter() - t0:.0f} s)")
     kept = [g for g in names if verdicts[g].reason is None]
     mixed = None
     while len(kept) > 1:
         mixed = try_swap(tuple(kept))
-        log(f"cp-export: {label} {'+'.join(kept)} together: {verdict_line(mixed)}")
+        log(f"cp-export: {label} {'+'.join(kept)} together: {verdict_line(mixed, fallback)}")
         if mixed.reason is None:
             break
         weakest = min(kept, key=lambda g: verdicts[g].dice_min)

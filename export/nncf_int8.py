@@ -39,6 +39,7 @@ from export.gate import Gate, GateImages, Verdict, judge, link_or_copy, pipeline
 from export.int8 import load_feeds, record_feeds
 from export.onnx import write_manifest
 
+LEFT = "as the bf16 gate left it"  # what a refused graph stays in
 TRANSFORMERS = ("encoder", "box", "refine")  # quantised with NNCF's transformer preset
 METHOD = ("NNCF quantize, OpenVINO backend: int8 weights (per channel) and activations, transformer preset "
           "(SmoothQuant, fast bias correction) for " + ", ".join(TRANSFORMERS) + "; float ops as the graph's "
@@ -116,7 +117,8 @@ def nncf_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray], gra
         shutil.rmtree(tmp / "feeds")
         # Swapped in alone, each int8 graph runs with its float ops as it will in the folder.
         cand = OpenVINOEngine(bundle, onnx_dir=_stage(folder, tmp / "int8", manifest, entries))
-        gated, kept, mixed = select_graphs(bundle, ref, cand, list(entries), images, gate, "int8", log)
+        gated, kept, mixed = select_graphs(bundle, ref, cand, list(entries), images, gate, "int8", log,
+                                           fallback=LEFT)
         verdicts.update(gated)
         final = None
         if kept:
@@ -125,7 +127,7 @@ def nncf_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray], gra
                 for f in (entries[g]["file"], entries[g]["external_data"]):
                     link_or_copy(tmp / "int8" / f, final_stage / f)
             final = _whole_folder(bundle, ref, OpenVINOEngine(bundle, onnx_dir=final_stage), images, gate)
-            log(f"cp-export: the folder as it will run (bf16 and int8 together): {verdict_line(final)}")
+            log(f"cp-export: the folder as it will run (bf16 and int8 together): {verdict_line(final, LEFT)}")
             if final.reason is not None:
                 for g in kept:
                     verdicts[g].reason = f"held, but the folder with its bf16 graphs failed: {final.reason}"
