@@ -7,7 +7,8 @@ graph by graph, each kept only if it passes a parity gate against fp32.
 * **quantisation**: ONNX Runtime's ``quantize_static`` in QDQ form (per-channel int8 weights,
   uint8 activations, MinMax ranges). QDQ graphs run on ONNX Runtime and OpenVINO alike
   (OpenVINO on its int8 kernels, f32 hint or not). NNCF 3.4's ONNX backend was measured too: its
-  graphs ran slower than fp32 on ONNX Runtime, and its encoder did not compile on OpenVINO;
+  graphs ran slower than fp32 on ONNX Runtime, and its encoder did not compile on OpenVINO (its
+  OpenVINO backend serves :mod:`export.nncf_int8`);
 * **gate** (:mod:`export.gate`): each int8 graph is swapped in alone (the others fp32) and the
   pipeline runs on the parity images and, where given, the validation set. The graph stays int8
   only if every parity image's final mask has Dice >= ``Gate.min_dice`` against fp32's and
