@@ -24,6 +24,7 @@ from cp_deploy.bundle import Bundle
 from cp_deploy.engines.graphs import GraphEngine
 from cp_deploy.metrics import dice
 from cp_deploy.pipeline import CurriculumPipeline, PipelineOptions
+from export.onnx import write_manifest
 
 BATCH = 4  # images per pipeline call in gate runs
 
@@ -111,6 +112,22 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:  # another file system or no hard links there
         shutil.copyfile(src, dst)
+
+
+def install_graphs(folder: Path, stage: Path, old: dict, new: dict, kept: list[str]) -> None:
+    """Move the files of ``new``'s ``kept`` graphs from ``stage`` into ``folder``, write ``new`` as
+    its manifest, then remove the files of ``old`` they replace: a run stopped at any point leaves
+    a manifest whose files are all there."""
+    for name in kept:
+        entry = new["graphs"][name]
+        for f in (entry.get("external_data"), entry["file"]):  # the graph last: it names its data file
+            if f:
+                os.replace(stage / f, folder / f)
+    write_manifest(folder, new)
+    for name in kept:
+        for f in (old["graphs"][name]["file"], old["graphs"][name].get("external_data")):
+            if f:
+                (folder / f).unlink(missing_ok=True)
 
 
 def pipeline_masks(bundle: Bundle, engine: GraphEngine, images: list[np.ndarray],

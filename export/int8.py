@@ -38,7 +38,16 @@ from cp_deploy.engines.onnxruntime import OnnxRuntimeEngine
 from cp_deploy.errors import InputError, MissingExtraError
 from cp_deploy.files import atomic_write_bytes, discover_images, read_image
 from cp_deploy.models.weights import sha256_file
-from export.gate import Gate, GateImages, MixedEngine, Verdict, link_or_copy, pipeline_masks, select_graphs
+from export.gate import (
+    Gate,
+    GateImages,
+    MixedEngine,
+    Verdict,
+    install_graphs,
+    link_or_copy,
+    pipeline_masks,
+    select_graphs,
+)
 from export.onnx import write_manifest
 
 INT8_SUFFIX = ".int8.onnx"
@@ -210,25 +219,15 @@ def quantize_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray],
 
 def _finish(folder: Path, stage: Path, manifest: dict, staged: dict, verdicts: dict[str, Verdict],
             kept: list[str], gate: Gate, info: dict) -> None:
-    """Move the kept int8 graphs in, record every graph's precision, then remove the fp32 files
-    they replace: a run stopped at any point leaves a manifest whose files are all there."""
-    replaced = []
+    """Record every graph's precision and verdict, with the kept int8 graphs moved in."""
+    graphs = {}
     for name in GRAPHS:
-        entry = manifest["graphs"][name]
-        if name in kept:
-            replaced += [entry["file"], entry.get("external_data")]
-            entry = {**staged["graphs"][name]}
-            for f in (entry["external_data"], entry["file"]):  # the graph last: it names its data file
-                if f:
-                    os.replace(stage / f, folder / f)
+        entry = dict(staged["graphs"][name] if name in kept else manifest["graphs"][name])
         entry["precision"] = "int8" if name in kept else "fp32"
         if name in verdicts:
             entry["int8"] = verdicts[name].to_json()
-        manifest["graphs"][name] = entry
-    manifest["precision"] = "int8" if kept else "fp32"
-    manifest["int8"] = {"method": METHOD, "gate": {"min_dice": gate.min_dice, "max_mdice_drop": gate.max_mdice_drop},
-                        "kept": kept, **info}
-    write_manifest(folder, manifest)
-    for f in replaced:
-        if f:
-            (folder / f).unlink(missing_ok=True)
+        graphs[name] = entry
+    new = {**manifest, "graphs": graphs, "precision": "int8" if kept else "fp32",
+           "int8": {"method": METHOD, "gate": {"min_dice": gate.min_dice, "max_mdice_drop": gate.max_mdice_drop},
+                    "kept": kept, **info}}
+    install_graphs(folder, stage, manifest, new, kept)

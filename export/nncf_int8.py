@@ -21,7 +21,6 @@ NNCF's lost 0.0012 (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -35,7 +34,17 @@ from cp_deploy.engines.manifest import MANIFEST_FILE, OPENVINO_IR
 from cp_deploy.engines.openvino import OpenVINOEngine, import_openvino
 from cp_deploy.errors import MissingExtraError
 from cp_deploy.models.weights import sha256_file
-from export.gate import Gate, GateImages, Verdict, judge, link_or_copy, pipeline_masks, select_graphs, verdict_line
+from export.gate import (
+    Gate,
+    GateImages,
+    Verdict,
+    install_graphs,
+    judge,
+    link_or_copy,
+    pipeline_masks,
+    select_graphs,
+    verdict_line,
+)
 from export.int8 import load_feeds, record_feeds
 from export.onnx import write_manifest
 
@@ -157,21 +166,11 @@ def _whole_folder(bundle: Bundle, ref: OpenVINOEngine, engine: OpenVINOEngine, i
 
 def _finish(folder: Path, stage: Path, manifest: dict, entries: dict[str, dict], verdicts: dict[str, Verdict],
             kept: list[str], gate: Gate, info: dict) -> None:
-    """Move the kept graphs in and record every verdict, then remove the ONNX files they replace:
-    a run stopped at any point leaves a manifest whose files are all there."""
-    replaced = []
+    """Record every verdict, with the kept graphs moved in."""
+    graphs = dict(manifest["graphs"])
     for name, verdict in verdicts.items():
-        entry = manifest["graphs"][name]
-        if name in kept:
-            replaced += [entry["file"], entry.get("external_data")]
-            entry = dict(entries[name])
-            for f in (entry["external_data"], entry["file"]):  # the graph last: it names its data file
-                os.replace(stage / f, folder / f)
-        entry["int8"] = verdict.to_json()
-        manifest["graphs"][name] = entry
-    manifest["int8"] = {"method": METHOD, "gate": {"min_dice": gate.min_dice, "max_mdice_drop": gate.max_mdice_drop},
-                        "kept": kept, **info}
-    write_manifest(folder, manifest)
-    for f in replaced:
-        if f:
-            (folder / f).unlink(missing_ok=True)
+        graphs[name] = {**(entries[name] if name in kept else graphs[name]), "int8": verdict.to_json()}
+    new = {**manifest, "graphs": graphs,
+           "int8": {"method": METHOD, "gate": {"min_dice": gate.min_dice, "max_mdice_drop": gate.max_mdice_drop},
+                    "kept": kept, **info}}
+    install_graphs(folder, stage, manifest, new, kept)

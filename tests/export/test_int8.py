@@ -131,7 +131,7 @@ def test_int8_flag_errors_are_one_line_exit_2(tiny_bundle, tmp_path, capsys, fla
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0]
     code = export_main(["onnx", "--bundle", str(tiny_bundle.root), "--out", str(tmp_path), "--calib-images", "x"])
-    assert code == 2 and "for --precision int8 only" in capsys.readouterr().err
+    assert code == 2 and "for --precision int8 or --nncf-int8 only" in capsys.readouterr().err
 
 
 def test_a_calibration_folder_without_images_fails_before_the_export(tiny_bundle, tmp_path, capsys):
