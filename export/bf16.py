@@ -21,23 +21,13 @@ from cp_deploy.bundle import Bundle
 from cp_deploy.engines.manifest import GRAPHS, MANIFEST_FILE
 from cp_deploy.engines.openvino import OpenVINOEngine
 from cp_deploy.errors import EngineError
-from export.gate import Gate, GateImages, Verdict, link_or_copy, select_graphs
+from export.gate import Gate, GateImages, Reference, Verdict, select_graphs, stage_folder
 from export.onnx import write_manifest
 
 METHOD = "OpenVINO CPU plugin, INFERENCE_PRECISION_HINT bf16 on the fp32 ONNX graph"
 NO_BF16 = ("cp-export onnx --precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so "
            "OpenVINO would run the graphs in f32 and the gate could not measure bf16; export on a CPU that "
            "has them, or use --precision int8 or fp32 here")
-
-
-def _stage_all_bf16(folder: Path, stage: Path, manifest: dict) -> None:
-    """``stage``: the folder's graph files (hard links) under a manifest that marks every graph bf16."""
-    for entry in manifest["graphs"].values():
-        for f in (entry["file"], entry.get("external_data")):
-            if f:
-                link_or_copy(folder / f, stage / f)
-    graphs = {g: {**e, "precision": "bf16"} for g, e in manifest["graphs"].items()}
-    write_manifest(stage, {**manifest, "graphs": graphs})
 
 
 def bf16_folder(bundle: Bundle, folder: str | Path, images: GateImages, gate: Gate | None = None,
@@ -51,17 +41,17 @@ def bf16_folder(bundle: Bundle, folder: str | Path, images: GateImages, gate: Ga
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     ref = OpenVINOEngine(bundle, onnx_dir=folder)
     with tempfile.TemporaryDirectory(prefix=".bf16.", suffix=".tmp", dir=folder) as tmp:
-        _stage_all_bf16(folder, Path(tmp), manifest)
-        cand = OpenVINOEngine(bundle, onnx_dir=tmp)
+        all_bf16 = {g: {**e, "precision": "bf16"} for g, e in manifest["graphs"].items()}
+        cand = OpenVINOEngine(bundle, onnx_dir=stage_folder(folder, Path(tmp), {**manifest, "graphs": all_bf16}))
         if any(p != "bf16" for p in cand.precisions.values()):  # the plugin ran the hint in f32
             raise EngineError(NO_BF16)
-        verdicts, kept, mixed = select_graphs(bundle, ref, cand, list(GRAPHS), images, gate, "bf16", log)
+        verdicts, kept, mixed = select_graphs(Reference(bundle, ref, images, gate), cand, list(GRAPHS), "bf16", log)
     for name in GRAPHS:
         entry = manifest["graphs"][name]
         entry["precision"] = "bf16" if name in kept else "fp32"
         entry["bf16"] = verdicts[name].to_json()
     manifest["precision"] = "bf16" if kept else "fp32"
-    manifest["bf16"] = {"method": METHOD, "gate": {"min_dice": gate.min_dice, "max_mdice_drop": gate.max_mdice_drop},
+    manifest["bf16"] = {"method": METHOD, "gate": gate.to_json(),
                         "kept": kept, **(info or {}), **({"mixed": mixed.to_json()} if mixed else {})}
     write_manifest(folder, manifest)
     return verdicts

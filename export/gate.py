@@ -36,6 +36,9 @@ class Gate:
     min_dice: float = 0.98
     max_mdice_drop: float = 0.005
 
+    def to_json(self) -> dict:
+        return {"min_dice": self.min_dice, "max_mdice_drop": self.max_mdice_drop}
+
 
 @dataclass
 class GateImages:
@@ -114,6 +117,22 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def stage_folder(folder: Path, stage: Path, manifest: dict, replaced: dict | None = None,
+                 source: Path | None = None) -> Path:
+    """``stage`` as a graph folder: ``folder``'s graph files (hard links) under ``manifest``, with
+    the ``replaced`` graphs' entries and their files (linked from ``source``, or already in
+    ``stage``) instead."""
+    stage.mkdir(parents=True, exist_ok=True)
+    replaced = replaced or {}
+    for name, entry in {**manifest["graphs"], **replaced}.items():
+        origin = (source if name in replaced else folder)
+        for f in (entry["file"], entry.get("external_data")):
+            if f and origin is not None and not (stage / f).exists():
+                link_or_copy(origin / f, stage / f)
+    write_manifest(stage, {**manifest, "graphs": {**manifest["graphs"], **replaced}})
+    return stage
+
+
 def install_graphs(folder: Path, stage: Path, old: dict, new: dict, kept: list[str]) -> None:
     """Move the files of ``new``'s ``kept`` graphs from ``stage`` into ``folder``, write ``new`` as
     its manifest, then remove the files of ``old`` they replace: a run stopped at any point leaves
@@ -166,31 +185,42 @@ def verdict_line(v: Verdict, fallback: str = "fp32") -> str:
             + ("kept" if v.reason is None else f"stays {fallback}, {v.reason}"))
 
 
-def select_graphs(bundle: Bundle, ref: GraphEngine, cand: GraphEngine, names: list[str], images: GateImages,
-                  gate: Gate, label: str, log: Callable[[str], None],
+class Reference:
+    """fp32's final masks on the gate's images, computed once; :meth:`verdict` judges another
+    engine's against them. ``memo`` caches the fp32 graphs' outputs, so an engine that swaps a
+    few graphs in (:meth:`swapped`) recomputes only the stages after them."""
+
+    def __init__(self, bundle: Bundle, ref: GraphEngine, images: GateImages, gate: Gate) -> None:
+        self.bundle, self.ref, self.images, self.gate, self.memo = bundle, ref, images, gate, {}
+        base = MixedEngine(ref, memo=self.memo)
+        self.masks = pipeline_masks(bundle, base, images.images)
+        self.val_masks = pipeline_masks(bundle, base, images.val_images)
+
+    def verdict(self, engine: GraphEngine) -> Verdict:
+        got = pipeline_masks(self.bundle, engine, self.images.images)
+        got_val = pipeline_masks(self.bundle, engine, self.images.val_images)
+        return judge(self.masks, got, self.images, self.gate, self.val_masks, got_val)
+
+    def swapped(self, cand: GraphEngine, swap: tuple[str, ...]) -> Verdict:
+        """The verdict on fp32's graphs with those of ``swap`` running on ``cand``."""
+        return self.verdict(MixedEngine(self.ref, cand, swap, memo=self.memo))
+
+
+def select_graphs(reference: Reference, cand: GraphEngine, names: list[str], label: str, log: Callable[[str], None],
                   fallback: str = "fp32") -> tuple[dict[str, Verdict], list[str], Verdict | None]:
-    """Gate each graph of ``names`` running on ``cand`` instead of ``ref``, then the ones that held
-    together; returns every verdict, the graphs kept, and the mixed set's verdict (``None`` with
-    fewer than two kept). ``label`` names the precision in the log lines, ``fallback`` what a
-    refused graph stays in."""
-    memo: dict = {}
-    base = MixedEngine(ref, memo=memo)
-    ref_masks, ref_val = pipeline_masks(bundle, base, images.images), pipeline_masks(bundle, base, images.val_images)
-
-    def try_swap(swap: tuple[str, ...]) -> Verdict:
-        engine = MixedEngine(ref, cand, swap, memo=memo)
-        got, got_val = pipeline_masks(bundle, engine, images.images), pipeline_masks(bundle, engine, images.val_images)
-        return judge(ref_masks, got, images, gate, ref_val, got_val)
-
+    """Gate each graph of ``names`` running on ``cand`` instead of the reference's, then the ones
+    that held together; returns every verdict, the graphs kept, and the mixed set's verdict
+    (``None`` with fewer than two kept). ``label`` names the precision in the log lines,
+    ``fallback`` what a refused graph stays in."""
     verdicts: dict[str, Verdict] = {}
     for name in names:
         t0 = time.perf_counter()
-        verdicts[name] = try_swap((name,))
+        verdicts[name] = reference.swapped(cand, (name,))
         log(f"cp-export: {label} {name}: {verdict_line(verdicts[name], fallback)} ({time.perf_counter() - t0:.0f} s)")
     kept = [g for g in names if verdicts[g].reason is None]
     mixed = None
     while len(kept) > 1:
-        mixed = try_swap(tuple(kept))
+        mixed = reference.swapped(cand, tuple(kept))
         log(f"cp-export: {label} {'+'.join(kept)} together: {verdict_line(mixed, fallback)}")
         if mixed.reason is None:
             break

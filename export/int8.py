@@ -42,6 +42,7 @@ from export.gate import (
     Gate,
     GateImages,
     MixedEngine,
+    Reference,
     Verdict,
     install_graphs,
     link_or_copy,
@@ -209,7 +210,7 @@ def quantize_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray],
         write_manifest(stage, staged)
         cand = OnnxRuntimeEngine(bundle, onnx_dir=stage)
 
-        gated, kept, mixed = select_graphs(bundle, ref, cand, quantised, images, gate, "int8", log)
+        gated, kept, mixed = select_graphs(Reference(bundle, ref, images, gate), cand, quantised, "int8", log)
         verdicts.update(gated)
         if mixed is not None:
             info = {**(info or {}), "mixed": mixed.to_json()}
@@ -228,6 +229,6 @@ def _finish(folder: Path, stage: Path, manifest: dict, staged: dict, verdicts: d
             entry["int8"] = verdicts[name].to_json()
         graphs[name] = entry
     new = {**manifest, "graphs": graphs, "precision": "int8" if kept else "fp32",
-           "int8": {"method": METHOD, "gate": {"min_dice": gate.min_dice, "max_mdice_drop": gate.max_mdice_drop},
+           "int8": {"method": METHOD, "gate": gate.to_json(),
                     "kept": kept, **info}}
     install_graphs(folder, stage, manifest, new, kept)

@@ -34,19 +34,8 @@ from cp_deploy.engines.manifest import MANIFEST_FILE, OPENVINO_IR
 from cp_deploy.engines.openvino import OpenVINOEngine, import_openvino
 from cp_deploy.errors import MissingExtraError
 from cp_deploy.models.weights import sha256_file
-from export.gate import (
-    Gate,
-    GateImages,
-    Verdict,
-    install_graphs,
-    judge,
-    link_or_copy,
-    pipeline_masks,
-    select_graphs,
-    verdict_line,
-)
+from export.gate import Gate, GateImages, Reference, Verdict, install_graphs, select_graphs, stage_folder, verdict_line
 from export.int8 import load_feeds, record_feeds
-from export.onnx import write_manifest
 
 LEFT = "as the bf16 gate left it"  # what a refused graph stays in
 TRANSFORMERS = ("encoder", "box", "refine")  # quantised with NNCF's transformer preset
@@ -71,31 +60,26 @@ def import_nncf():
     return nncf
 
 
+def quantize(model, data: list, graph: str, float_scopes: list[str] | None = None):
+    """NNCF's int8 version of the OpenVINO ``model`` of ``graph``, calibrated on ``data`` (its
+    feeds); ``float_scopes`` (default :data:`FLOAT_SCOPES`' for the graph) are node-name regexes
+    kept in float. Items of ``data`` that are paths are recorded ``.npz`` feeds."""
+    nncf = import_nncf()
+    nncf.set_log_level(40)  # its notes would bury cp-export's own lines (its progress bars stay)
+    kw = {"model_type": nncf.ModelType.TRANSFORMER} if graph in TRANSFORMERS else {}
+    scopes = FLOAT_SCOPES.get(graph, []) if float_scopes is None else float_scopes
+    if scopes:
+        kw["ignored_scope"] = nncf.IgnoredScope(patterns=scopes, validate=False)
+    dataset = nncf.Dataset(data, lambda item: load_feeds(item) if isinstance(item, Path) else item)
+    return nncf.quantize(model, dataset, subset_size=len(data), **kw)
+
+
 def quantize_ir(src: Path, dst: Path, graph: str, feeds: list[Path]) -> Path:
     """Write the NNCF int8 version of the ONNX graph ``src`` as the IR ``dst`` (``.xml``),
     calibrated on the recorded ``feeds`` files; returns its ``.bin``."""
-    nncf, ov = import_nncf(), import_openvino()
-    nncf.set_log_level(40)  # its progress bars and notes would bury cp-export's own lines
-    kw = {"model_type": nncf.ModelType.TRANSFORMER} if graph in TRANSFORMERS else {}
-    if graph in FLOAT_SCOPES:
-        kw["ignored_scope"] = nncf.IgnoredScope(patterns=FLOAT_SCOPES[graph], validate=False)
-    model = nncf.quantize(ov.Core().read_model(str(src)), nncf.Dataset(feeds, load_feeds), subset_size=len(feeds), **kw)
-    ov.save_model(model, str(dst), compress_to_fp16=False)
+    ov = import_openvino()
+    ov.save_model(quantize(ov.Core().read_model(str(src)), feeds, graph), str(dst), compress_to_fp16=False)
     return dst.with_suffix(".bin")
-
-
-def _stage(folder: Path, stage: Path, manifest: dict, graphs: dict | None = None) -> Path:
-    """``stage``: the folder's graph files (hard links) under ``manifest``, with ``graphs``' entries
-    replaced (their files already in ``stage``)."""
-    stage.mkdir(parents=True, exist_ok=True)
-    graphs = graphs or {}
-    for name, entry in manifest["graphs"].items():
-        if name not in graphs:
-            for f in (entry["file"], entry.get("external_data")):
-                if f and not (stage / f).exists():
-                    link_or_copy(folder / f, stage / f)
-    write_manifest(stage, {**manifest, "graphs": {**manifest["graphs"], **graphs}})
-    return stage
 
 
 def nncf_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray], graphs: list[str], images: GateImages,
@@ -113,11 +97,12 @@ def nncf_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray], gra
     with tempfile.TemporaryDirectory(prefix=".nncf.", suffix=".tmp", dir=folder) as tmp:
         tmp = Path(tmp)
         fp32 = {g: {**e, "precision": "fp32"} for g, e in manifest["graphs"].items()}
-        ref = OpenVINOEngine(bundle, onnx_dir=_stage(folder, tmp / "fp32", {**manifest, "graphs": fp32}))
+        ref = OpenVINOEngine(bundle, onnx_dir=stage_folder(folder, tmp / "fp32", {**manifest, "graphs": fp32}))
         t0 = time.perf_counter()
         feeds = record_feeds(bundle, ref, calib, tmp / "feeds", graphs=graphs).files
         log(f"cp-export: int8 calibration feeds recorded on {len(calib)} images in {time.perf_counter() - t0:.0f} s")
-        (tmp / "int8").mkdir()
+        int8 = tmp / "int8"
+        int8.mkdir()
         entries, verdicts = {}, {}
         for name in graphs:
             if not feeds.get(name):
@@ -125,7 +110,7 @@ def nncf_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray], gra
                                          "on the calibration images (no instances found?), so nothing calibrates it")
                 continue
             t0 = time.perf_counter()
-            xml = tmp / "int8" / f"{name}.int8.xml"
+            xml = int8 / f"{name}.int8.xml"
             data = quantize_ir(folder / manifest["graphs"][name]["file"], xml, name, feeds[name])
             log(f"cp-export: {xml.name} quantised by NNCF in {time.perf_counter() - t0:.0f} s")
             entries[name] = {**manifest["graphs"][name], "file": xml.name, "sha256": sha256_file(xml),
@@ -134,34 +119,23 @@ def nncf_folder(bundle: Bundle, folder: str | Path, calib: list[np.ndarray], gra
                              "float_precision": manifest["graphs"][name].get("precision", "fp32")}
         shutil.rmtree(tmp / "feeds")
         # Swapped in alone, each int8 graph runs with its float ops as it will in the folder.
-        cand = OpenVINOEngine(bundle, onnx_dir=_stage(folder, tmp / "int8", manifest, entries))
-        gated, kept, mixed = select_graphs(bundle, ref, cand, list(entries), images, gate, "int8", log,
-                                           fallback=LEFT)
+        cand = OpenVINOEngine(bundle, onnx_dir=stage_folder(folder, int8, manifest, entries))
+        reference = Reference(bundle, ref, images, gate)
+        gated, kept, mixed = select_graphs(reference, cand, list(entries), "int8", log, fallback=LEFT)
         verdicts.update(gated)
         final = None
         if kept:
-            final_stage = _stage(folder, tmp / "final", manifest, {g: entries[g] for g in kept})
-            for g in kept:
-                for f in (entries[g]["file"], entries[g]["external_data"]):
-                    link_or_copy(tmp / "int8" / f, final_stage / f)
-            final = _whole_folder(bundle, ref, OpenVINOEngine(bundle, onnx_dir=final_stage), images, gate)
+            whole = stage_folder(folder, tmp / "final", manifest, {g: entries[g] for g in kept}, source=int8)
+            final = reference.verdict(OpenVINOEngine(bundle, onnx_dir=whole))
             log(f"cp-export: the folder as it will run (bf16 and int8 together): {verdict_line(final, LEFT)}")
             if final.reason is not None:
                 for g in kept:
                     verdicts[g].reason = f"held, but the folder with its bf16 graphs failed: {final.reason}"
                 kept = []
-        _finish(folder, tmp / "int8", manifest, entries, verdicts, kept, gate,
+        _finish(folder, int8, manifest, entries, verdicts, kept, gate,
                 {**(info or {}), **({"mixed": mixed.to_json()} if mixed else {}),
                  **({"folder": final.to_json()} if final else {})})
     return verdicts
-
-
-def _whole_folder(bundle: Bundle, ref: OpenVINOEngine, engine: OpenVINOEngine, images: GateImages,
-                  gate: Gate) -> Verdict:
-    """The gate's verdict on ``engine``'s masks, every graph as it will run, against fp32's."""
-    ref_masks, ref_val = pipeline_masks(bundle, ref, images.images), pipeline_masks(bundle, ref, images.val_images)
-    got, got_val = pipeline_masks(bundle, engine, images.images), pipeline_masks(bundle, engine, images.val_images)
-    return judge(ref_masks, got, images, gate, ref_val, got_val)
 
 
 def _finish(folder: Path, stage: Path, manifest: dict, entries: dict[str, dict], verdicts: dict[str, Verdict],
@@ -171,6 +145,6 @@ def _finish(folder: Path, stage: Path, manifest: dict, entries: dict[str, dict],
     for name, verdict in verdicts.items():
         graphs[name] = {**(entries[name] if name in kept else graphs[name]), "int8": verdict.to_json()}
     new = {**manifest, "graphs": graphs,
-           "int8": {"method": METHOD, "gate": {"min_dice": gate.min_dice, "max_mdice_drop": gate.max_mdice_drop},
+           "int8": {"method": METHOD, "gate": gate.to_json(),
                     "kept": kept, **info}}
     install_graphs(folder, stage, manifest, new, kept)

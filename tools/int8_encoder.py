@@ -4,13 +4,13 @@ and the tool measures what that buys and costs against fp32 and bf16, in one pro
     python -m tools.int8_encoder --graphs G --calib-images TRAIN --images VAL
         [--bundle B] [--calib-count 64] [--count 24] [--threads 2] [--ignore REGEX ...] [--json out.json]
 
-* quantisation: ``nncf.quantize`` with the transformer preset (SmoothQuant, fast bias
-  correction), calibrated on training images; ``--ignore`` keeps the matching nodes in float;
+* quantisation: :func:`export.nncf_int8.quantize` (the transformer preset: SmoothQuant, fast bias
+  correction), calibrated on training images; ``--ignore`` keeps the matching nodes in float
+  (none by default; ``cp-export --nncf-int8`` keeps its ``FLOAT_SCOPES``);
 * error: per image ``||e - e_fp32|| / ||e_fp32||`` of the image embedding, for bf16 and int8;
 * speed: ms per image of one static-shape compile of each, ``--threads`` threads.
 
-A measuring tool, not an export path: NNCF is not among the project's extras (``pip install nncf``
-first). benchmarks/RESULTS.md has a run and why ``cp-export`` keeps the encoder out of int8.
+Needs the ``nncf`` extra. benchmarks/RESULTS.md has runs, with and without the float scopes.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import numpy as np
 from cp_bench.results import write_json
 from cp_deploy.bundle import default_bundle_path, load_bundle
 from cp_deploy.engines.manifest import MANIFEST_FILE
+from cp_deploy.engines.openvino import import_openvino
 from cp_deploy.preprocess import preprocess_image
 from export.int8 import calibration_images
+from export.nncf_int8 import import_nncf, quantize
 
 PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}  # int8's float ops in bf16
 
@@ -56,8 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ignore", nargs="*", default=[], help="node-name regexes kept in float")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    import nncf  # not a project extra: imported here so that --help answers without it
-    import openvino as ov
+    ov, nncf = import_openvino(), import_nncf()  # each names its missing extra
 
     if not (a.graphs / MANIFEST_FILE).is_file():
         p.error(f"--graphs '{a.graphs}' has no {MANIFEST_FILE}; pass a folder written by cp-export onnx")
@@ -66,9 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     core = ov.Core()
     src = str(a.graphs / "encoder.onnx")
     t0 = time.perf_counter()
-    kw = {"ignored_scope": nncf.IgnoredScope(patterns=a.ignore, validate=False)} if a.ignore else {}
-    int8 = nncf.quantize(core.read_model(src), nncf.Dataset(calib), subset_size=len(calib),
-                         model_type=nncf.ModelType.TRANSFORMER, **kw)
+    int8 = quantize(core.read_model(src), calib, "encoder", float_scopes=a.ignore)
     quant_s = time.perf_counter() - t0
 
     def compiled(precision: str):
